@@ -143,6 +143,7 @@ def _available(backend: str, device_type: str) -> bool:
     return True
 
 
+@torch._dynamo.assume_constant_result  # evaluated once at trace time, no graph break
 def backend_for(device_type: str) -> str:
     """The op path used for tensors on ``device_type`` (chosen once, logged once)."""
     sel = _selected.get(device_type)
@@ -195,7 +196,7 @@ def backend_info() -> dict:
 def _namespace(device_type: str):
     global _fallbacks
     chosen = backend_for(device_type)
-    if _is_fallback(device_type, chosen) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _is_fallback(device_type, chosen):
         _fallbacks += 1
     if chosen == "ext":
         return torch.ops.sae_fast

@@ -1,0 +1,190 @@
+"""The compiled C++ CPU ops and the dispatch layer against the reference oracle."""
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import sae_fast.ops as ops
+from sae_fast.ops import codes, reference
+from sae_fast.ops.testing import assert_steer_close, clone_case, random_steer_case
+
+HAS_EXT = "cpu" in ops.backend_info()["extension_devices"]
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="sae_fast._C not built")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_codes_match_cpp_header():
+    header = (Path(__file__).parents[1] / "csrc" / "steer_common.h").read_text()
+    for name, value in [("kOff", codes.MODE_OFF), ("kAdd", codes.MODE_ADD), ("kSet", codes.MODE_SET),
+                        ("kScale", codes.MODE_SCALE), ("kAblate", codes.MODE_ABLATE),
+                        ("kThresholdRelu", codes.ACT_THRESHOLD_RELU),
+                        ("kIdentity", codes.ACT_IDENTITY), ("kTopK", codes.ACT_TOPK)]:
+        assert re.search(rf"\b{name} = {value}\b", header), name
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d,k", [(1, 64, 1), (3, 123, 7), (64, 576, 64), (1000, 64, 7),
+                                   (17, 4096, 7), (5, 123, 600)])
+@pytest.mark.parametrize("activation", [codes.ACT_THRESHOLD_RELU, codes.ACT_IDENTITY, codes.ACT_TOPK])
+def test_steer_cpu_matches_reference(dtype, T, d, k, activation):
+    seed = hash((str(dtype), T, d, k, activation)) % 2**31
+    for residual, idx in itertools.product([True, False], [torch.int32, torch.int64]):
+        case = random_steer_case(T, d, k, dtype=dtype, residual=residual, idx_dtype=idx,
+                                 activation=activation, seed=seed)
+        out = clone_case(case)
+        torch.ops.sae_fast.steer_(**out)
+        assert_steer_close(out["hidden"], case, what=f"{dtype} T={T} d={d} k={k} res={residual}")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clamp_direction_cpu_matches_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    T, d, k, R = 9, 123, 3, 3
+    u = torch.linalg.qr(torch.randn(d, k, generator=g)).Q.t().contiguous()  # orthonormal rows
+    h, r = torch.randn(T, d, generator=g).to(dtype), torch.randn(T, d, generator=g).to(dtype)
+    ma, s = torch.rand(k, generator=g) * 5, torch.randn(R, k, generator=g)
+    modes = torch.full((R, k), codes.MODE_SET, dtype=torch.int8)
+    modes[0] = 0
+    rows = torch.randint(0, R, (T,), generator=g)
+    args = (u.to(dtype), ma, s, modes, rows, 1.5, -2.0, 2.0)
+    out, ref = h.clone(), h.clone()
+    torch.ops.sae_fast.clamp_direction_(out, r, *args)
+    reference.clamp_direction_(ref, r, *args)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # Along each (orthonormal) direction the stream now sits at the clamped value.
+    x = out.float() + r.float()
+    steered = modes[rows.long()][:, 0] != 0
+    want = s[rows.long()].clamp(-2, 2) * 1.5 * ma
+    proj = x @ u.t().float()
+    torch.testing.assert_close(proj[steered], want[steered], atol=tol * 20, rtol=tol * 5)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d,k", [(1, 64, 1), (33, 123, 7), (200, 576, 64)])
+def test_add_vectors_cpu_matches_reference(dtype, T, d, k):
+    g = torch.Generator().manual_seed(T * d + k)
+    h = torch.randn(T, d, generator=g).to(dtype)
+    v = torch.randn(k, d, generator=g).to(dtype)
+    w = torch.randn(5, k, generator=g)
+    w[0] = 0
+    rows = torch.randint(0, 5, (T,), generator=g)
+    out, ref = h.clone(), h.clone()
+    torch.ops.sae_fast.add_vectors_(out, v, w, rows)
+    reference.add_vectors_(ref, v, w, rows)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol * 4, rtol=tol)
+    assert torch.equal(out[rows == 0], h[rows == 0])
+
+
+@needs_ext
+def test_row_zero_is_exact_noop_and_t0_is_fine():
+    case = random_steer_case(16, 123, 7, dtype=torch.bfloat16)
+    case["row_index"].zero_()
+    out = clone_case(case)
+    torch.ops.sae_fast.steer_(**out)
+    assert torch.equal(out["hidden"], case["hidden"])
+    empty = random_steer_case(0, 64, 3)
+    torch.ops.sae_fast.steer_(**empty)
+
+
+@needs_ext
+@pytest.mark.parametrize("bad,match", [
+    (dict(row_index=torch.tensor([0, 9, 1], dtype=torch.int32)), r"row_index\[1\] = 9 is outside \[0, 4\)"),
+    (dict(enc_w=torch.randn(7, 65)), r"enc_w must have shape \[k, 123\]"),
+    (dict(strengths=torch.randn(4, 6)), r"strengths must have shape \[R >= 1, 7\]"),
+    (dict(modes=torch.zeros(4, 7, dtype=torch.int32)), r"modes must be int8"),
+    (dict(activation=7), r"activation must be 0 .* got 7"),
+    (dict(min_strength=3.0, max_strength=1.0), r"min_strength \(3\) must be <= max_strength \(1\)"),
+    (dict(residual=torch.randn(3, 122)), r"residual shape .* must equal hidden shape"),
+])
+def test_steer_cpu_bad_input_names_value(bad, match):
+    case = random_steer_case(3, 123, 7)
+    case.update(bad)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sae_fast.steer_(**case)
+
+
+@needs_ext
+def test_bad_mode_code_is_named():
+    case = random_steer_case(3, 64, 2)
+    case["modes"][1:] = 9
+    case["row_index"].fill_(1)
+    with pytest.raises(RuntimeError, match=r"modes\[1, 0\] = 9 is not a mode code"):
+        torch.ops.sae_fast.steer_(**case)
+
+
+@needs_ext
+def test_opcheck_cpu_ops():
+    case = random_steer_case(5, 64, 3, activation=codes.ACT_TOPK)
+    torch.library.opcheck(torch.ops.sae_fast.steer_.default, tuple(case.values()))
+    g = torch.Generator().manual_seed(0)
+    torch.library.opcheck(torch.ops.sae_fast.add_vectors_.default,
+                          (torch.randn(4, 32, generator=g), torch.randn(3, 32, generator=g),
+                           torch.randn(2, 3, generator=g), torch.tensor([0, 1, 1, 0])))
+    u = torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=-1)
+    torch.library.opcheck(torch.ops.sae_fast.clamp_direction_.default,
+                          (torch.randn(4, 32, generator=g), None, u, torch.ones(2),
+                           torch.ones(2, 2), torch.ones(2, 2, dtype=torch.int8),
+                           torch.tensor([0, 1, 1, 0]), 1.0, -1.0, 1.0))
+
+
+def test_opcheck_reference_ops():
+    case = random_steer_case(5, 64, 3)
+    torch.library.opcheck(torch.ops.sae_fast_ref.steer_.default, tuple(case.values()))
+
+
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+def test_dispatch_uses_forced_backend(monkeypatch, backend):
+    if backend == "ext" and not HAS_EXT:
+        pytest.skip("no extension")
+    monkeypatch.setenv("SAE_FAST_BACKEND", backend)
+    ops.reset_backend_selection()
+    try:
+        case = random_steer_case(7, 123, 5)
+        out = clone_case(case)
+        ops.steer_(**out)
+        assert ops.backend_for("cpu") == backend
+        assert_steer_close(out["hidden"], case, what=backend)
+    finally:
+        monkeypatch.delenv("SAE_FAST_BACKEND")
+        ops.reset_backend_selection()
+
+
+def test_bad_backend_env_is_named(monkeypatch):
+    monkeypatch.setenv("SAE_FAST_BACKEND", "fastest")
+    ops.reset_backend_selection()
+    with pytest.raises(ValueError, match="SAE_FAST_BACKEND='fastest'"):
+        ops.backend_for("cpu")
+    monkeypatch.delenv("SAE_FAST_BACKEND")
+    ops.reset_backend_selection()
+
+
+def test_ops_under_torch_compile_have_no_graph_break():
+    case = random_steer_case(6, 64, 4)
+    tensors = {k: v for k, v in case.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in case.items() if not isinstance(v, torch.Tensor)}
+    residual = tensors.pop("residual")
+    hidden = tensors.pop("hidden")
+
+    def layer(h, r):
+        h = h * 1.0  # a stand-in for the decoder layer's own compute
+        ops.steer_(h, r, **tensors, **scalars)
+        return h + 0.0
+
+    explained = torch._dynamo.explain(layer)(hidden.clone(), residual)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(hidden.clone(), residual)
+    assert_steer_close(out, case, what="compiled")
+    # Tables edited in place between calls take effect without recompiling.
+    tensors["strengths"].mul_(-1)
+    out2 = compiled(hidden.clone(), residual)
+    case2 = dict(case, strengths=tensors["strengths"])
+    assert_steer_close(out2, case2, what="compiled after in-place edit")
