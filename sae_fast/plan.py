@@ -234,12 +234,18 @@ class SteeringPlan:
         return torch.topk(pre, self.sae.k, dim=-1).values[:, -1].contiguous()
 
     def apply_(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], strengths: torch.Tensor,
-               modes: torch.Tensor, row_index: torch.Tensor) -> None:
-        """One steering step in place on ``hidden`` (see ``ops.steer_``)."""
+               modes: torch.Tensor, row_index: torch.Tensor, *, scale: Optional[float] = None,
+               bounds: Optional[tuple[float, float]] = None) -> None:
+        """One steering step in place on ``hidden`` (see ``ops.steer_``).
+
+        By default the op bounds strengths to the spec's [min, max] and scales
+        them by its strength_scale; backends that bound and scale on the host
+        when writing their tables pass ``scale`` and ``bounds`` explicitly."""
         kth = self.topk_kth(hidden, residual)
+        lo, hi = bounds if bounds is not None else (self.spec.min_strength, self.spec.max_strength)
         ops.steer_(hidden, residual, self.enc_w, self.enc_b, self.threshold, self.dec_w,
                    self.max_act, strengths, modes, row_index, kth, self.activation,
-                   self.spec.strength_scale, self.spec.min_strength, self.spec.max_strength)
+                   self.spec.strength_scale if scale is None else scale, lo, hi)
 
     def steer_(self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None,
                strengths: Union[None, float, Sequence[float], torch.Tensor] = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -157,8 +158,10 @@ def backend_for(device_type: str) -> str:
         if chosen != wanted[0]:
             why = {"ext": _EXT_ERROR or f"sae_fast._C has no {device_type} kernels",
                    "triton": _TRITON_ERROR or "triton unavailable for this device"}.get(wanted[0], "")
-            log.warning("sae_fast ops on %s: %s unavailable (%s); falling back to %s",
-                        device_type, wanted[0], why, chosen)
+            msg = (f"sae_fast ops on {device_type}: {wanted[0]} unavailable ({why}); "
+                   f"falling back to {chosen}")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
         else:
             log.info("sae_fast ops on %s: using %s", device_type, chosen)
         _selected[device_type] = chosen

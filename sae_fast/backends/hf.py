@@ -1,0 +1,399 @@
+"""Hugging Face transformers backend: steer any causal LM's decoder layers
+with one or more SAEs during ``generate``, each batch row with its own
+strengths.
+
+    steerer = attach(model, sae, layer=-1, features=[3, 7], mode="set",
+                     max_activations=[5.0, 5.0])
+    with steerer:
+        steerer.set_strengths(torch.tensor([[1.0, 0.5], [-1.0, 0.0]]))  # per row
+        out = steerer.generate(**tok(prompts, return_tensors="pt", padding=True),
+                               max_new_tokens=32)
+
+How rows map to strengths: batch row b uses table row b + 1 (row 0 is the
+exact no-op); left-padding positions map to 0; with ``steer_prompt=False``
+prompt positions map to 0 except the last one (whose hidden state produces
+the first generated token). Hooks are removed on exit, also on error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from sae_fast.backends.tables import SteeringTables
+from sae_fast.plan import SteeringSpec, SteeringSpecError, build_plan
+from sae_fast.sae import SAEWeights, load_sae
+from sae_fast.stats import SteeringStats
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "linear", "cosine")
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers",
+                "transformer.h", "gpt_neox.layers", "transformer.layers")
+
+
+class UnsupportedModelError(TypeError):
+    """The model's decoder layers could not be located."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a transformers causal LM."""
+    for path in _LAYER_PATHS:
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise UnsupportedModelError(
+        f"cannot find the decoder layers of {type(model).__name__}: looked for "
+        f"{', '.join(_LAYER_PATHS)}; supported families include Llama, Qwen2, Mistral, Gemma2, "
+        "GPT-2 and GPT-NeoX")
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if cfg is not None and getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise UnsupportedModelError(f"cannot read the hidden size of {type(model).__name__} from its config")
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """Negative layers count from the end; out of range is an error naming both."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise SteeringSpecError(f"layer {layer!r} is not an integer")
+    idx = layer + num_layers if layer < 0 else layer
+    if not 0 <= idx < num_layers:
+        raise SteeringSpecError(f"layer {layer} is out of range for a model with {num_layers} "
+                                f"decoder layers (valid: {-num_layers}..{num_layers - 1})")
+    return idx
+
+
+def schedule_multiplier(schedule: str, step: int, steps: int) -> float:
+    """Strength multiplier at generated position ``step`` (0 = first token)."""
+    if schedule == "constant":
+        return 1.0
+    frac = min(max(step, 0), steps) / max(steps, 1)
+    if schedule == "linear":
+        return 1.0 - frac
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise SteeringSpecError(f"strength_schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+@dataclass
+class SAEGroup:
+    """One SAE + spec attached at one or more layers (same strengths at each)."""
+
+    spec: SteeringSpec
+    sae: SAEWeights
+    layers: list[int]
+    tables: list[SteeringTables] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return self.spec.k
+
+
+class HFSteerer:
+    """Steering hooks on a transformers model. Use as a context manager."""
+
+    def __init__(self, model: nn.Module, *, max_batch: int = 64, max_tokens: int = 1 << 16,
+                 steer_prompt: bool = True, strength_schedule: str = "constant",
+                 schedule_steps: Optional[int] = None, on_error: str = "record",
+                 record_activations: bool = False) -> None:
+        if strength_schedule not in SCHEDULES:
+            raise SteeringSpecError(f"strength_schedule={strength_schedule!r} is not one of "
+                                    f"{', '.join(SCHEDULES)}")
+        if on_error not in ("record", "raise"):
+            raise ValueError(f"on_error={on_error!r}; expected 'record' or 'raise'")
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.hidden_size = hidden_size_of(model)
+        self.max_batch = int(max_batch)
+        self.max_tokens = int(max_tokens)
+        self.steer_prompt = steer_prompt
+        self.strength_schedule = strength_schedule
+        self.schedule_steps = schedule_steps
+        self.on_error = on_error
+        self.record_activations = record_activations
+        self.groups: list[SAEGroup] = []
+        self.stats = SteeringStats()
+        self._enabled = True
+        self._handles: list[Any] = []
+        self._rows_in_use = 0
+        self._step = 0
+        self._row_index: Optional[torch.Tensor] = None
+        self._hooked_layers: set[int] = set()
+        self._pre_handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    # ------------------------------------------------------------ setup
+    def add_sae(self, sae: Union[SAEWeights, str, Any], spec: Union[SteeringSpec, dict], *,
+                layers: Optional[Sequence[int]] = None) -> SAEGroup:
+        """Attach ``sae`` with ``spec`` at ``layers`` (default: the SAE's hook
+        layer if known, else the last layer). Returns the group handle."""
+        param = next(self.model.parameters())
+        sae = load_sae(sae, device=param.device)
+        spec = SteeringSpec.from_dict(spec) if isinstance(spec, dict) else spec
+        if layers is None:
+            layers = [sae.hook_layer if sae.hook_layer is not None else -1]
+        resolved = [resolve_layer(int(layer), len(self.layers)) for layer in layers]
+        for layer in resolved:
+            sae.check_hidden_size(self.hidden_size, layer=layer)
+        plan = build_plan(sae, spec, device=param.device, dtype=param.dtype)
+        group = SAEGroup(spec=spec, sae=sae, layers=resolved)
+        for layer in resolved:
+            group.tables.append(SteeringTables(plan, self.max_batch, max_tokens=1))
+            if layer not in self._hooked_layers:
+                self._handles.append(self.layers[layer].register_forward_hook(
+                    self._make_layer_hook(layer)))
+                self._hooked_layers.add(layer)
+        self.groups.append(group)
+        return group
+
+    def _group(self, group: Union[int, SAEGroup]) -> SAEGroup:
+        if isinstance(group, SAEGroup):
+            return group
+        if not self.groups:
+            raise RuntimeError("no SAE attached; call add_sae first")
+        return self.groups[group]
+
+    # ------------------------------------------------------------ control
+    def enable(self) -> None:
+        self._enabled = True
+
+    def disable(self) -> None:
+        """Run unsteered without removing hooks (global on/off)."""
+        self._enabled = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def set_strengths(self, strengths: Union[torch.Tensor, Sequence[Any], None], *,
+                      group: Union[int, SAEGroup] = 0, features: Optional[Sequence[int]] = None,
+                      mode: Optional[str] = None, scale: Optional[float] = None) -> None:
+        """Per-row strengths for the next generate calls: a [B, k] tensor, a
+        list of B rows (a row may be None = unsteered, or one number = the
+        same strength on every feature), or None to steer no row."""
+        g = self._group(group)
+        rows = [] if strengths is None else list(strengths)
+        if len(rows) > self.max_batch:
+            raise ValueError(f"{len(rows)} rows exceed max_batch={self.max_batch}")
+        staged = []
+        for b, row in enumerate(rows):  # validate everything before writing anything
+            if row is None:
+                staged.append(None)
+                continue
+            staged.append([t.row_values(row, features=features, mode=mode, scale=scale)
+                           for t in g.tables])
+        self._write_rows(g, staged)
+
+    def set_requests(self, requests: Sequence[Optional[dict]], *, group: Union[int, SAEGroup] = 0) -> None:
+        """Per-row request metadata (SPEC keys ``sae_feature_idx``,
+        ``sae_max_activation``, ``sae_strength_scale``, or ``features`` /
+        ``strengths`` / ``mode`` / ``strength_scale`` / ``max_activations``)."""
+        g = self._group(group)
+        if len(requests) > self.max_batch:
+            raise ValueError(f"{len(requests)} rows exceed max_batch={self.max_batch}")
+        staged = []
+        for meta in requests:
+            if not meta:
+                staged.append(None)
+                continue
+            kw = request_row_kwargs(meta)
+            staged.append([t.row_values(**kw) for t in g.tables])
+        self._write_rows(g, staged)
+
+    def _write_rows(self, g: SAEGroup, staged: list) -> None:
+        for t in g.tables:
+            t.strengths.zero_()
+            t.modes.zero_()
+        for b, vals in enumerate(staged):
+            if vals is None:
+                continue
+            for t, (s, m) in zip(g.tables, vals):
+                t.strengths[b + 1].copy_(s)
+                t.modes[b + 1].copy_(m)
+            s, m = vals[0]
+            self.stats.record_strengths(s[m != 0])
+        self._rows_in_use = max(self._rows_for(x) for x in self.groups)
+
+    @staticmethod
+    def _rows_for(g: SAEGroup) -> int:
+        active = (g.tables[0].modes != 0).any(dim=1).nonzero()
+        return int(active.max()) if active.numel() else 0
+
+    # ------------------------------------------------------------ hooks
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            self._row_index = None
+            return
+        B, S = int(ids.shape[0]), int(ids.shape[1])
+        past = kwargs.get("past_key_values")
+        past_len = 0
+        if past is not None and hasattr(past, "get_seq_length"):
+            past_len = int(past.get_seq_length())
+        if past_len == 0:
+            self._step = 0
+        else:
+            self._step += 1
+        device = ids.device
+        if B > self.max_batch:
+            self._row_index = None
+            self.stats.record_failure(f"batch of {B} rows exceeds max_batch={self.max_batch}")
+            return
+        rows = torch.arange(1, B + 1, dtype=torch.int32, device=device)[:, None].expand(B, S)
+        mask = kwargs.get("attention_mask")
+        keep = torch.ones(B, S, dtype=torch.bool, device=device)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
+            keep &= mask[:, -S:].to(torch.bool)
+        if not self.steer_prompt and past_len == 0 and S > 1:
+            keep[:, :-1] = False
+        self._row_index = torch.where(keep, rows, torch.zeros_like(rows)).reshape(-1).contiguous()
+
+    def _make_layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not self._enabled or self._row_index is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                self.stats.record_failure(f"layer {layer} returned {type(hidden).__name__} "
+                                          "instead of a [batch, seq, hidden] tensor")
+                return None
+            try:
+                new_hidden = self._steer(layer, hidden)
+            except Exception as err:  # never run unsteered silently
+                if self.on_error == "raise":
+                    raise
+                self.stats.record_failure(f"{type(err).__name__}: {err}")
+                return None
+            if new_hidden is hidden:
+                return None
+            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+        return hook
+
+    def _steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        B, S, d = hidden.shape
+        row_index = self._row_index
+        if row_index.numel() != B * S:
+            raise RuntimeError(f"layer {layer} saw {B}x{S} rows but the batch had "
+                               f"{row_index.numel()} token rows")
+        out = hidden
+        if torch.is_grad_enabled() and hidden.requires_grad or not hidden.is_contiguous():
+            out = hidden.clone(memory_format=torch.contiguous_format)
+        flat = out.view(B * S, d)
+        steps = self.schedule_steps or 64
+        mult = schedule_multiplier(self.strength_schedule, self._step, steps)
+        steered = False
+        for g in self.groups:
+            for t, g_layer in zip(g.tables, g.layers):
+                if g_layer != layer:
+                    continue
+                before = t.selected_activations(flat) if self.record_activations else None
+                t.apply_(flat, None, row_index, scale=mult)
+                if before is not None:
+                    self.stats.record_features(g.spec.features, before, t.selected_activations(flat))
+                steered = True
+        if steered:
+            self.stats.record_step(min(self._rows_in_use, B) * S)
+        return out
+
+    # ------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, *args: Any, strengths: Any = None, requests: Any = None, **kwargs: Any):
+        """``model.generate`` with steering; ``strengths`` / ``requests`` set the
+        per-row steering first. The schedule length defaults to max_new_tokens."""
+        if strengths is not None:
+            self.set_strengths(strengths)
+        if requests is not None:
+            self.set_requests(requests)
+        restore = self.schedule_steps
+        if self.schedule_steps is None and "max_new_tokens" in kwargs:
+            self.schedule_steps = int(kwargs["max_new_tokens"])
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            self.schedule_steps = restore
+
+    # ------------------------------------------------------------ teardown
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._hooked_layers.clear()
+        if self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._pre_handle is not None
+
+    def __enter__(self) -> "HFSteerer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def request_row_kwargs(meta: dict) -> dict:
+    """Row kwargs for SteeringTables.row_values from request metadata."""
+    aliases = {"sae_feature_idx": "features", "feature_idx": "features", "feature_idxs": "features",
+               "sae_max_activation": "max_activation", "max_activations": "max_activation",
+               "sae_strength_scale": "scale", "strength_scale": "scale", "strength": "strengths",
+               "sae_strengths": "strengths", "sae_mode": "mode"}
+    kw: dict[str, Any] = {}
+    for key, value in meta.items():
+        name = aliases.get(key, key)
+        if name not in ("features", "strengths", "mode", "scale", "max_activation"):
+            raise SteeringSpecError(f"unknown steering request key {key!r}; expected sae_feature_idx, "
+                                    "sae_max_activation, sae_strength_scale, features, strengths, "
+                                    "mode, strength_scale or max_activations")
+        if name in kw:
+            raise SteeringSpecError(f"steering request gives {name} twice (key {key!r})")
+        kw[name] = value
+    if "features" in kw and not isinstance(kw["features"], (list, tuple)):
+        kw["features"] = [kw["features"]]
+    if "strengths" not in kw and "features" in kw:
+        kw["strengths"] = 1.0
+    return kw
+
+
+def attach(model: nn.Module, sae: Union[SAEWeights, str, Any], *,
+           spec: Union[SteeringSpec, dict, None] = None, layer: Optional[int] = None,
+           layers: Optional[Sequence[int]] = None, features: Optional[Sequence[int]] = None,
+           mode: str = "set", max_activations: Any = None, strengths: Any = None,
+           strength_scale: float = 1.0, min_strength: float = -5.0, max_strength: float = 5.0,
+           **steerer_kwargs: Any) -> HFSteerer:
+    """Attach ``sae`` to ``model`` and return an :class:`HFSteerer`.
+
+    ``spec`` (a SteeringSpec or a dict of SPEC keys) or the keyword form
+    (features, mode, max_activations, strengths, strength_scale, bounds)."""
+    if spec is None:
+        if features is None:
+            raise SteeringSpecError("attach needs features=[...] (or spec=...)")
+        spec = SteeringSpec(features=list(features), mode=mode, max_activations=max_activations,
+                            strengths=strengths, strength_scale=strength_scale,
+                            min_strength=min_strength, max_strength=max_strength)
+    if layer is not None and layers is not None:
+        raise SteeringSpecError("give layer or layers, not both")
+    steerer = HFSteerer(model, **steerer_kwargs)
+    try:
+        steerer.add_sae(sae, spec, layers=[layer] if layer is not None else layers)
+    except Exception:
+        steerer.remove()
+        raise
+    return steerer
