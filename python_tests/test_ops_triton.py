@@ -8,7 +8,12 @@ no bfloat16). With a GPU the same tests run the compiled kernels on cuda.
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,7 @@ from sae_fast.ops.testing import (  # noqa: E402
     assert_steer_close,
     clone_case,
     random_steer_case,
+    reference_out,
 )
 
 ON_CUDA = torch.cuda.is_available()
@@ -30,6 +36,8 @@ DEVICE = "cuda" if ON_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
 ACTIVATIONS = [codes.ACT_THRESHOLD_RELU, codes.ACT_IDENTITY, codes.ACT_TOPK]
 ALL_MODES = [codes.MODE_ADD, codes.MODE_SET, codes.MODE_SCALE, codes.MODE_ABLATE]
+MODE_NAMES = {codes.MODE_ADD: "add", codes.MODE_SET: "set", codes.MODE_SCALE: "scale",
+              codes.MODE_ABLATE: "ablate"}
 
 pytestmark = [
     pytest.mark.triton_interpreter,
@@ -80,7 +88,7 @@ def test_steer_matches_reference(tops, T, d, k, activation, dtype):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=codes.ACT_NAMES.get)
-@pytest.mark.parametrize("mode", ALL_MODES, ids=lambda m: {1: "add", 2: "set", 3: "scale", 4: "ablate"}[m])
+@pytest.mark.parametrize("mode", ALL_MODES, ids=MODE_NAMES.get)
 def test_steer_each_mode_alone(tops, mode, activation):
     case = _with_noop_row(random_steer_case(
         6, 123, 7, device=DEVICE, modes=[mode], activation=activation,
@@ -151,6 +159,22 @@ def test_steer_clamps_and_scales_strengths(tops):
     expect = case["hidden"][:3] + coef @ case["dec_w"]
     torch.testing.assert_close(out["hidden"][:3], expect, atol=1e-5, rtol=1e-5)
     assert torch.equal(out["hidden"][3], case["hidden"][3])
+
+
+def test_steer_nan_strength_is_not_hidden(tops):
+    # Callers must reject NaN strengths (SPEC section 4); if one slips
+    # through, the kernels propagate it exactly like the oracle (a clamp that
+    # swallowed NaN would apply a silent bound instead).
+    case = random_steer_case(4, 64, 3, device=DEVICE, modes=[codes.MODE_ADD, codes.MODE_SET],
+                             seed=_seed("nan"))
+    case["strengths"][1, 1] = float("nan")
+    case["strengths"][2, 0] = float("inf")  # clamped to max_strength
+    case["row_index"] = torch.tensor([1, 2, 0, 1], dtype=torch.int32, device=DEVICE)
+    out = clone_case(case)
+    tops.steer_(**out)
+    torch.testing.assert_close(out["hidden"], reference_out(case), equal_nan=True,
+                               atol=1e-5, rtol=1e-5)
+    assert out["hidden"][0].isnan().any() and not out["hidden"][1:3].isnan().any()
 
 
 def test_steer_empty_inputs_are_noops(tops):
@@ -311,16 +335,17 @@ def test_other_ops_reject_bad_arguments(tops):
     with pytest.raises(RuntimeError, match="weights must have shape"):
         tops.add_vectors_(h, vecs, w[:, :1].contiguous(), rows)
     with pytest.raises(RuntimeError, match="max_act must have shape"):
-        tops.clamp_direction_(h, None, vecs, torch.ones(3, device=DEVICE), w,
-                              torch.zeros(4, 2, dtype=torch.int8, device=DEVICE), rows, 1.0, -1.0, 1.0)
+        modes = torch.zeros(4, 2, dtype=torch.int8, device=DEVICE)
+        tops.clamp_direction_(h, None, vecs, torch.ones(3, device=DEVICE), w, modes, rows,
+                              1.0, -1.0, 1.0)
 
 
-@pytest.mark.skipif(ON_CUDA, reason="out-of-range rows are rejected on the host only for CPU tensors")
 def test_out_of_range_rows_are_noops_in_the_kernel():
     # On GPU the host cannot see row_index without a sync; the kernels then
-    # skip such rows instead of reading out of bounds.
+    # skip such rows instead of reading out of bounds. (Called below the host
+    # checks, which reject such rows for CPU tensors.)
     case = random_steer_case(4, 64, 7, device=DEVICE, seed=6)
-    case["row_index"] = torch.tensor([1, 9, -3, 2], dtype=torch.int32)
+    case["row_index"] = torch.tensor([1, 9, -3, 2], dtype=torch.int32, device=DEVICE)
     out = clone_case(case)
     coef = triton_steer._launch_coef(
         out["hidden"], out["residual"], out["enc_w"], out["enc_b"], out["threshold"],
@@ -413,3 +438,77 @@ def test_steer_in_cuda_graph_follows_in_place_edits(tops):
         torch.cuda.synchronize()
         expect = {**clone_case(static), "hidden": base.clone()}
         assert_steer_close(static["hidden"], expect, what=f"graph replay {step}")
+
+
+# ---------------------------------------------------------------- sm_90 build without a GPU
+_AOT_SCRIPT = r"""
+import itertools, json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sae_fast.ops import triton_steer as ts
+
+assert not ts._INTERPRETED
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def usage(kernel):
+    if not os.path.exists(cuobjdump):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    fields = dict(p.split(":") for p in out[out.index("REG:"):].split()[:2])
+    return int(fields["REG"]), int(fields["STACK"])
+
+def sig(fn, types, constexprs):
+    return {name: ("constexpr" if name in constexprs else types.get(name, "i32"))
+            for name in fn.arg_names}
+
+target = GPUTarget("cuda", 90, 32)
+report = []
+for dt, T, k in itertools.product(["fp32", "fp16", "bf16"], [1, 200], [7, 512]):
+    const = dict(HAS_RESIDUAL=True, HAS_BIAS=True, HAS_THRESHOLD=True, ACTIVATION=2,
+                 **ts._coef_blocks(T, k))
+    types = {n: "*fp32" for n in ts._steer_coef_kernel.arg_names if n.endswith("_ptr")}
+    types.update(hidden_ptr=f"*{dt}", residual_ptr=f"*{dt}", enc_w_ptr=f"*{dt}", modes_ptr="*i8",
+                 row_index_ptr="*i64", scale="fp32", lo="fp32", hi="fp32")
+    kern = triton.compile(ASTSource(ts._steer_coef_kernel, sig(ts._steer_coef_kernel, types, const),
+                                    const), target=target, options={"num_warps": ts._NUM_WARPS})
+    report.append(("coef", dt, T, k, usage(kern)))
+    if k == 7:
+        const = dict(GATHER=T == 1, **ts._add_blocks(T))
+        types = dict(hidden_ptr=f"*{dt}", table_ptr=f"*{dt}", coef_ptr="*fp32",
+                     row_index_ptr="*i32")
+        kern = triton.compile(ASTSource(ts._add_rows_kernel, sig(ts._add_rows_kernel, types, const),
+                                        const), target=target, options={"num_warps": ts._NUM_WARPS})
+        report.append(("add_rows", dt, T, None, usage(kern)))
+print(json.dumps(report))
+"""
+
+
+def _ptxas() -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if bundled.exists():
+        return str(bundled)
+    return os.environ.get("TRITON_PTXAS_PATH") or shutil.which("ptxas")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_CUDA, reason="with a GPU the kernels are built and run natively above")
+@pytest.mark.skipif(_ptxas() is None, reason="no ptxas to build sm_90 code with")
+def test_kernels_build_for_sm90_without_spills():
+    """The compiled (non-interpreted) kernels lower to sm_90 code for every dtype
+    and tile configuration the launchers pick, without register spills. Runs
+    on a machine with no GPU; it does not run them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_PTXAS_PATH"] = _ptxas()
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 18
+    spills = [r for r in report if r[-1] is not None and r[-1][1] > 0]
+    assert not spills, f"register spills (kernel, dtype, T, k, (regs, stack bytes)): {spills}"

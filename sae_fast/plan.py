@@ -225,13 +225,14 @@ class SteeringPlan:
 
     # ---- running
     def topk_kth(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """k-th largest full pre-activation per row (exact TopK path), else None."""
+        """Per-row TopK threshold (exact TopK path), else None: halfway between
+        the k-th and (k+1)-th largest full pre-activations, so a kernel that sums
+        in another order still selects exactly the top k (ties aside)."""
         if self.activation != codes.ACT_TOPK:
             return None
         W, b = self.full_enc
         x = hidden.float() if residual is None else hidden.float() + residual.float()
-        pre = torch.addmm(b, x.float(), W)
-        return torch.topk(pre, self.sae.k, dim=-1).values[:, -1].contiguous()
+        return topk_threshold(torch.addmm(b, x, W), self.sae.k)
 
     def apply_(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], strengths: torch.Tensor,
                modes: torch.Tensor, row_index: torch.Tensor, *, scale: Optional[float] = None,
@@ -259,6 +260,14 @@ class SteeringPlan:
         rows = torch.ones(flat.shape[0], dtype=torch.int32, device=self.device)
         self.apply_(flat, res, table, modes, rows)
         return hidden
+
+
+def topk_threshold(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Threshold [T] separating each row's k largest values of ``pre`` from the rest."""
+    if k >= pre.shape[-1]:
+        return torch.full(pre.shape[:-1], float("-inf"), device=pre.device)
+    top = torch.topk(pre, k + 1, dim=-1).values
+    return (0.5 * (top[..., k - 1] + top[..., k])).contiguous()
 
 
 def _mode_code(mode: str) -> int:
@@ -307,9 +316,9 @@ def build_plan(sae: SAEWeights, spec: Union[SteeringSpec, dict], *,
             activation = codes.ACT_THRESHOLD_RELU
         elif sae.architecture == "topk" and spec.topk_mode == "exact" and spec.mode != "add":
             threshold, activation = torch.zeros(spec.k), codes.ACT_TOPK
-            # fp32, so the k-th value is compared with the kernel's fp32
-            # pre-activations without a rounding gap at the boundary.
-            full_enc = (W_enc.to(device=device), b_enc_eff.to(device=device))
+            # The same (rounded) encoder weights as the selected columns, kept in
+            # fp32, so the full encode and the kernel see the same pre-activations.
+            full_enc = (W_enc.to(dtype).float().to(device=device), b_enc_eff.to(device=device))
         else:  # standard; TopK in add mode (no encode) or approximated by ReLU (approx_relu)
             threshold, activation = torch.zeros(spec.k), codes.ACT_THRESHOLD_RELU
     return SteeringPlan(

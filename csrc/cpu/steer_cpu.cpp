@@ -7,6 +7,7 @@
 // f'_i - f_i are formed, and sum_i coef_i * dec_w[i] is added into hidden in
 // fp32 chunks. Nothing is allocated per row (k <= kStackFeatures) and rows
 // whose features are all "off" (row 0: padding / unsteered) are skipped.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -24,37 +25,45 @@ constexpr int64_t kChunk = 512;         // fp32 elements of a row held on the st
 constexpr int kLanes = 16;              // independent accumulators per dot product
 constexpr int64_t kStackFeatures = 512;  // features per call without a heap buffer
 
+// Rows are processed in groups of kRowTile so each weight element loaded
+// from memory feeds kRowTile FMAs (a small GEMM micro-kernel); a group with
+// fewer live rows pads with a zero row whose results are discarded.
+constexpr int kRowTile = 4;
+
+// acc[r] += dot(x[r][0:n], w[0:n]) for the kRowTile rows of a group.
 template <typename T>
-inline float dot_chunk(const float* __restrict x, const T* __restrict w, int64_t n) {
-  float acc[kLanes] = {0.f};
+inline void dot_rows(const float (*__restrict x)[kChunk], const T* __restrict w, int64_t n,
+                     float* __restrict out) {
+  float acc[kRowTile][kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * static_cast<float>(w[j + l]);
-  }
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; j < n; ++j) s += x[j] * static_cast<float>(w[j]);
-  return s;
-}
-
-template <typename T>
-inline void axpy_chunk(float* __restrict acc, float a, const T* __restrict w, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<float>(w[j]);
-}
-
-// hidden[row] += sum_c coef[c] * table[c]   (only the listed features)
-template <typename T>
-inline void add_rows(T* __restrict h, const T* __restrict table, int64_t d, const float* coef,
-                     const int32_t* active, int64_t n_active) {
-  float acc[kChunk];
-  for (int64_t j0 = 0; j0 < d; j0 += kChunk) {
-    const int64_t n = std::min(kChunk, d - j0);
-    std::fill(acc, acc + n, 0.f);
-    for (int64_t a = 0; a < n_active; ++a) {
-      const int32_t c = active[a];
-      axpy_chunk(acc, coef[c], table + c * d + j0, n);
+    for (int l = 0; l < kLanes; ++l) {
+      const float wv = static_cast<float>(w[j + l]);
+      for (int r = 0; r < kRowTile; ++r) acc[r][l] += x[r][j + l] * wv;
     }
-    for (int64_t j = 0; j < n; ++j) h[j0 + j] = static_cast<T>(static_cast<float>(h[j0 + j]) + acc[j]);
+  }
+  for (int r = 0; r < kRowTile; ++r) {
+    float s = 0.f;
+    for (int l = 0; l < kLanes; ++l) s += acc[r][l];
+    for (int64_t jj = j; jj < n; ++jj) s += x[r][jj] * static_cast<float>(w[jj]);
+    out[r] += s;
+  }
+}
+
+// acc[r][0:n] = sum_e coef[list[e] * kRowTile + r] * table[list[e]][j0:j0+n]
+template <typename T>
+inline void axpy_rows(float (*__restrict acc)[kChunk], const float* __restrict coef,
+                      const int32_t* __restrict list, int64_t n_list, const T* __restrict table,
+                      int64_t d, int64_t j0, int64_t n) {
+  for (int r = 0; r < kRowTile; ++r) std::fill(acc[r], acc[r] + n, 0.f);
+  for (int64_t e = 0; e < n_list; ++e) {
+    const int32_t c = list[e];
+    const T* __restrict w = table + c * d + j0;
+    const float* cf = coef + c * kRowTile;
+    for (int64_t j = 0; j < n; ++j) {
+      const float wv = static_cast<float>(w[j]);
+      for (int r = 0; r < kRowTile; ++r) acc[r][j] += cf[r] * wv;
+    }
   }
 }
 
@@ -67,8 +76,40 @@ inline int64_t checked_row(const idx_t* row_index, int64_t t, int64_t R) {
 }
 
 inline int64_t grain_for(int64_t work_per_row) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work_per_row));
+  return std::max<int64_t>(kRowTile,
+                           (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row));
 }
+
+// Scratch for one group of kRowTile rows; lives on the worker's stack
+// (k <= kStackFeatures) or in a per-task heap buffer (larger k).
+struct GroupScratch {
+  explicit GroupScratch(int64_t k) {
+    if (k > kStackFeatures) {
+      heap_f.resize(2 * kRowTile * k);
+      heap_i.resize(2 * k);
+      heap_m.resize(2 * k);
+      pre = heap_f.data();
+      coef = heap_f.data() + kRowTile * k;
+      enc_list = heap_i.data();
+      dec_list = heap_i.data() + k;
+      enc_mark = heap_m.data();
+      dec_mark = heap_m.data() + k;
+    }
+  }
+  float pre_s[kRowTile * kStackFeatures];
+  float coef_s[kRowTile * kStackFeatures];
+  int32_t list_s[2 * kStackFeatures];
+  uint8_t mark_s[2 * kStackFeatures];
+  std::vector<float> heap_f;
+  std::vector<int32_t> heap_i;
+  std::vector<uint8_t> heap_m;
+  float* pre = pre_s;    // [c * kRowTile + r]
+  float* coef = coef_s;  // [c * kRowTile + r]
+  int32_t* enc_list = list_s;
+  int32_t* dec_list = list_s + kStackFeatures;
+  uint8_t* enc_mark = mark_s;
+  uint8_t* dec_mark = mark_s + kStackFeatures;
+};
 
 template <typename T, typename idx_t>
 void steer_rows(T* hidden, int64_t h_stride, const T* residual, int64_t r_stride,
@@ -77,77 +118,113 @@ void steer_rows(T* hidden, int64_t h_stride, const T* residual, int64_t r_stride
                 const idx_t* row_index, const float* kth, int64_t T_rows, int64_t d, int64_t k,
                 int64_t R, int64_t activation, float scale, float lo, float hi) {
   at::parallel_for(0, T_rows, grain_for(2 * k * d), [&](int64_t begin, int64_t end) {
-    float pre_stack[kStackFeatures], coef_stack[kStackFeatures];
-    int32_t enc_stack[kStackFeatures], act_stack[kStackFeatures];
-    std::vector<float> pre_heap, coef_heap;
-    std::vector<int32_t> enc_heap, act_heap;
-    float *pre = pre_stack, *coef = coef_stack;
-    int32_t *enc_list = enc_stack, *act_list = act_stack;
-    if (k > kStackFeatures) {
-      pre_heap.resize(k), coef_heap.resize(k), enc_heap.resize(k), act_heap.resize(k);
-      pre = pre_heap.data(), coef = coef_heap.data();
-      enc_list = enc_heap.data(), act_list = act_heap.data();
-    }
-    float xbuf[kChunk];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = checked_row(row_index, t, R);
-      const int8_t* m = modes + r * k;
-      const float* s = strengths + r * k;
-      int64_t n_enc = 0, n_act = 0;
-      for (int64_t c = 0; c < k; ++c) {
-        if (m[c] == kOff) continue;
-        act_list[n_act++] = static_cast<int32_t>(c);
-        if (m[c] != kAdd) enc_list[n_enc++] = static_cast<int32_t>(c);
+    GroupScratch sc(k);
+    uint8_t* enc_mark = sc.enc_mark;
+    uint8_t* dec_mark = sc.dec_mark;
+    alignas(64) float xbuf[kRowTile][kChunk];
+    alignas(64) float acc[kRowTile][kChunk];
+    int64_t t = begin;
+    while (t < end) {
+      // Gather up to kRowTile live rows (rows whose modes are all off are skipped:
+      // exact no-op, hidden is not even rewritten).
+      int64_t rows_t[kRowTile], rows_r[kRowTile];
+      int nr = 0;
+      for (; t < end && nr < kRowTile; ++t) {
+        const int64_t r = checked_row(row_index, t, R);
+        const int8_t* m = modes + r * k;
+        bool live = false;
+        for (int64_t c = 0; c < k && !live; ++c) live = m[c] != kOff;
+        if (live) rows_t[nr] = t, rows_r[nr] = r, ++nr;
       }
-      if (n_act == 0) continue;  // exact no-op row
-      T* h = hidden + t * h_stride;
+      if (nr == 0) break;
+      // Features to encode / decode for this group (union over its rows).
+      std::fill(enc_mark, enc_mark + k, 0);
+      std::fill(dec_mark, dec_mark + k, 0);
+      int64_t n_enc = 0;
+      for (int g = 0; g < nr; ++g) {
+        const int8_t* m = modes + rows_r[g] * k;
+        for (int64_t c = 0; c < k; ++c) {
+          if (m[c] == kOff) continue;
+          if (m[c] < kOff || m[c] > kAblate) {
+            TORCH_CHECK(false, "modes[", rows_r[g], ", ", c, "] = ", static_cast<int>(m[c]),
+                        " is not a mode code (0 off, 1 add, 2 set, 3 scale, 4 ablate)");
+          }
+          if (m[c] != kAdd && !enc_mark[c]) enc_mark[c] = 1, sc.enc_list[n_enc++] = c;
+        }
+      }
       if (n_enc > 0) {
-        const T* res = residual ? residual + t * r_stride : nullptr;
-        for (int64_t e = 0; e < n_enc; ++e) pre[enc_list[e]] = enc_b ? enc_b[enc_list[e]] : 0.f;
+        for (int64_t e = 0; e < n_enc; ++e) {
+          const int32_t c = sc.enc_list[e];
+          for (int g = 0; g < kRowTile; ++g) sc.pre[c * kRowTile + g] = enc_b ? enc_b[c] : 0.f;
+        }
         for (int64_t j0 = 0; j0 < d; j0 += kChunk) {
           const int64_t n = std::min(kChunk, d - j0);
-          if (res) {
-            for (int64_t j = 0; j < n; ++j)
-              xbuf[j] = static_cast<float>(h[j0 + j]) + static_cast<float>(res[j0 + j]);
-          } else {
-            for (int64_t j = 0; j < n; ++j) xbuf[j] = static_cast<float>(h[j0 + j]);
+          for (int g = 0; g < kRowTile; ++g) {
+            float* xb = xbuf[g];
+            if (g >= nr) {
+              std::fill(xb, xb + n, 0.f);
+              continue;
+            }
+            const T* h = hidden + rows_t[g] * h_stride + j0;
+            if (residual) {
+              const T* res = residual + rows_t[g] * r_stride + j0;
+              for (int64_t j = 0; j < n; ++j)
+                xb[j] = static_cast<float>(h[j]) + static_cast<float>(res[j]);
+            } else {
+              for (int64_t j = 0; j < n; ++j) xb[j] = static_cast<float>(h[j]);
+            }
           }
           for (int64_t e = 0; e < n_enc; ++e) {
-            const int32_t c = enc_list[e];
-            pre[c] += dot_chunk(xbuf, enc_w + c * d + j0, n);
+            const int32_t c = sc.enc_list[e];
+            dot_rows(xbuf, enc_w + c * d + j0, n, sc.pre + c * kRowTile);
           }
         }
       }
-      const float kth_t = kth ? kth[t] : 0.f;
-      int64_t n_nonzero = 0;
-      for (int64_t a = 0; a < n_act; ++a) {
-        const int32_t c = act_list[a];
-        const float sc = std::min(std::max(s[c], lo), hi) * scale;
-        float f = 0.f;
-        if (m[c] != kAdd) {
-          const float p = pre[c];
-          if (activation == kThresholdRelu) {
-            f = p > (threshold ? threshold[c] : 0.f) ? p : 0.f;
-          } else if (activation == kIdentity) {
-            f = p;
-          } else {
-            f = (p >= kth_t && p > 0.f) ? p : 0.f;
+      // Coefficients f'_i - f_i per (row, feature).
+      int64_t n_dec = 0;
+      for (int64_t c = 0; c < k; ++c)
+        for (int g = 0; g < kRowTile; ++g) sc.coef[c * kRowTile + g] = 0.f;
+      for (int g = 0; g < nr; ++g) {
+        const int8_t* m = modes + rows_r[g] * k;
+        const float* s = strengths + rows_r[g] * k;
+        const float kth_t = kth ? kth[rows_t[g]] : 0.f;
+        for (int64_t c = 0; c < k; ++c) {
+          if (m[c] == kOff) continue;
+          const float sv = std::min(std::max(s[c], lo), hi) * scale;
+          float f = 0.f;
+          if (m[c] != kAdd) {
+            const float p = sc.pre[c * kRowTile + g];
+            if (activation == kThresholdRelu) {
+              f = p > (threshold ? threshold[c] : 0.f) ? p : 0.f;
+            } else if (activation == kIdentity) {
+              f = p;
+            } else {
+              f = (p >= kth_t && p > 0.f) ? p : 0.f;
+            }
           }
+          float cf = 0.f;
+          switch (m[c]) {
+            case kAdd: cf = sv; break;
+            case kSet: cf = sv * max_act[c] - f; break;
+            case kScale: cf = f * sv - f; break;
+            case kAblate: cf = -f; break;
+            default: break;
+          }
+          sc.coef[c * kRowTile + g] = cf;
+          if (cf != 0.f && !dec_mark[c]) dec_mark[c] = 1, sc.dec_list[n_dec++] = c;
         }
-        float cf;
-        switch (m[c]) {
-          case kAdd: cf = sc; break;
-          case kSet: cf = sc * max_act[c] - f; break;
-          case kScale: cf = f * sc - f; break;
-          case kAblate: cf = -f; break;
-          default:
-            TORCH_CHECK(false, "modes[", r, ", ", c, "] = ", static_cast<int>(m[c]),
-                        " is not a mode code (0 off, 1 add, 2 set, 3 scale, 4 ablate)");
-        }
-        coef[c] = cf;
-        if (cf != 0.f) act_list[n_nonzero++] = c;
       }
-      if (n_nonzero > 0) add_rows(h, dec_w, d, coef, act_list, n_nonzero);
+      if (n_dec == 0) continue;
+      // hidden[row] += sum_c coef[row, c] * dec_w[c], in fp32 chunks.
+      for (int64_t j0 = 0; j0 < d; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, d - j0);
+        axpy_rows(acc, sc.coef, sc.dec_list, n_dec, dec_w, d, j0, n);
+        for (int g = 0; g < nr; ++g) {
+          T* h = hidden + rows_t[g] * h_stride + j0;
+          for (int64_t j = 0; j < n; ++j)
+            h[j] = static_cast<T>(static_cast<float>(h[j]) + acc[g][j]);
+        }
+      }
     }
   });
 }
@@ -170,6 +247,61 @@ void dispatch_types(const at::Tensor& hidden, const at::Tensor& row_index, Fn&& 
   }
 }
 
+// Large batches (prefill): at T * k >= kGemmMinWork a BLAS GEMM on the
+// selected features beats the row kernel (measured in benchmarks/bench_ops_cpu.py);
+// temporaries are allocated here, which the decode-sized path above never does.
+constexpr int64_t kGemmMinWork = 512;
+
+void check_rows_and_modes_values(const at::Tensor& row_index, const at::Tensor* modes, int64_t R) {
+  auto mm = at::aminmax(row_index);
+  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  if (lo < 0 || hi >= R) {
+    const int64_t bad_val = lo < 0 ? lo : hi;
+    const int64_t t = (row_index == bad_val).nonzero().select(1, 0)[0].item<int64_t>();
+    TORCH_CHECK(false, "row_index[", t, "] = ", bad_val, " is outside [0, ", R,
+                ") (rows of strengths/weights)");
+  }
+  if (modes != nullptr) {
+    auto bad = (*modes < 0).logical_or(*modes > kAblate).nonzero();
+    if (bad.size(0) > 0) {
+      const int64_t r = bad[0][0].item<int64_t>(), c = bad[0][1].item<int64_t>();
+      TORCH_CHECK(false, "modes[", r, ", ", c, "] = ", (*modes)[r][c].item<int64_t>(),
+                  " is not a mode code (0 off, 1 add, 2 set, 3 scale, 4 ablate)");
+    }
+  }
+}
+
+void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
+                const at::Tensor& enc_w, const c10::optional<at::Tensor>& enc_b,
+                const c10::optional<at::Tensor>& threshold, const at::Tensor& dec_w,
+                const at::Tensor& max_act, const at::Tensor& strengths, const at::Tensor& modes,
+                const at::Tensor& row_index, const c10::optional<at::Tensor>& topk_kth,
+                int64_t activation, double scale, double lo, double hi) {
+  check_rows_and_modes_values(row_index, &modes, strengths.size(0));
+  at::NoGradGuard no_grad;
+  const auto idx = row_index.to(at::kLong);
+  const auto m = modes.index_select(0, idx);
+  const auto s = strengths.index_select(0, idx).clamp(lo, hi).mul(scale);
+  auto x = hidden.to(at::kFloat);
+  if (residual.has_value()) x = x.add(residual->to(at::kFloat));
+  auto pre = x.mm(enc_w.to(at::kFloat).t());
+  if (enc_b.has_value()) pre.add_(*enc_b);
+  at::Tensor f;
+  const auto zero = at::zeros({}, pre.options());
+  if (activation == kThresholdRelu) {
+    f = at::where(threshold.has_value() ? pre.gt(*threshold) : pre.gt(0), pre, zero);
+  } else if (activation == kIdentity) {
+    f = pre;
+  } else {
+    f = at::where(pre.ge(topk_kth->unsqueeze(1)).logical_and(pre.gt(0)), pre, zero);
+  }
+  auto coef = at::where(m.eq(kAdd), s, zero);
+  coef = at::where(m.eq(kSet), s.mul(max_act).sub(f), coef);
+  coef = at::where(m.eq(kScale), f.mul(s).sub(f), coef);
+  coef = at::where(m.eq(kAblate), f.neg(), coef);
+  hidden.copy_(hidden.to(at::kFloat).add_(coef.mm(dec_w.to(at::kFloat))));
+}
+
 void steer_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                const at::Tensor& enc_w, const at::Tensor& enc_b, const at::Tensor& threshold,
                const at::Tensor& dec_w, const at::Tensor& max_act, const at::Tensor& strengths,
@@ -180,6 +312,11 @@ void steer_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                                      strengths, modes, row_index, topk_kth, activation,
                                      min_strength, max_strength);
   if (hidden.size(0) == 0 || k == 0) return;
+  if (hidden.size(0) * k >= kGemmMinWork) {
+    steer_gemm(hidden, residual, enc_w, enc_b, threshold, dec_w, max_act, strengths, modes,
+               row_index, topk_kth, activation, scale, min_strength, max_strength);
+    return;
+  }
   dispatch_types(hidden, row_index, [&](auto type_tag, auto idx_tag) {
     using T = decltype(type_tag);
     using idx_t = decltype(idx_tag);
@@ -210,6 +347,12 @@ void clamp_direction_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& re
   TORCH_CHECK(min_strength <= max_strength, "min_strength (", min_strength,
               ") must be <= max_strength (", max_strength, ")");
   if (hidden.size(0) == 0 || k == 0) return;
+  if (hidden.size(0) * k >= kGemmMinWork) {
+    steer_gemm(hidden, residual, directions, c10::nullopt, c10::nullopt, directions, max_act,
+               strengths, modes, row_index, c10::nullopt, kIdentity, scale, min_strength,
+               max_strength);
+    return;
+  }
   dispatch_types(hidden, row_index, [&](auto type_tag, auto idx_tag) {
     using T = decltype(type_tag);
     using idx_t = decltype(idx_tag);
@@ -230,6 +373,13 @@ void add_vectors_cpu(at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   const int64_t k = check_add_vectors_args(hidden, vectors, weights, row_index);
   const int64_t T_rows = hidden.size(0), d = hidden.size(1), R = weights.size(0);
   if (T_rows == 0 || k == 0) return;
+  if (T_rows * k >= kGemmMinWork) {
+    check_rows_and_modes_values(row_index, nullptr, R);
+    at::NoGradGuard no_grad;
+    const auto w_rows = weights.index_select(0, row_index.to(at::kLong));
+    hidden.copy_(hidden.to(at::kFloat).add_(w_rows.mm(vectors.to(at::kFloat))));
+    return;
+  }
   dispatch_types(hidden, row_index, [&](auto type_tag, auto idx_tag) {
     using T = decltype(type_tag);
     using idx_t = decltype(idx_tag);
@@ -239,17 +389,41 @@ void add_vectors_cpu(at::Tensor& hidden, const at::Tensor& vectors, const at::Te
     const float* w = weights.data_ptr<float>();
     const idx_t* ri = row_index.data_ptr<idx_t>();
     at::parallel_for(0, T_rows, grain_for(k * d), [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> heap;
-      int32_t stack[kStackFeatures];
-      int32_t* active = stack;
-      if (k > kStackFeatures) heap.resize(k), active = heap.data();
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t r = checked_row(ri, t, R);
-        const float* wr = w + r * k;
+      GroupScratch sc(k);
+      int32_t* active = sc.enc_list;
+      float* coef = sc.coef;
+      alignas(64) float acc[kRowTile][kChunk];
+      int64_t t = begin;
+      while (t < end) {
+        int64_t rows_t[kRowTile];
+        int nr = 0;
+        std::fill(coef, coef + kRowTile * k, 0.f);
+        for (; t < end && nr < kRowTile; ++t) {
+          const float* wr = w + checked_row(ri, t, R) * k;
+          bool live = false;
+          for (int64_t c = 0; c < k; ++c) {
+            coef[c * kRowTile + nr] = wr[c];
+            live |= wr[c] != 0.f;
+          }
+          if (live) rows_t[nr++] = t;
+        }
+        if (nr == 0) break;
         int64_t n_active = 0;
-        for (int64_t c = 0; c < k; ++c)
-          if (wr[c] != 0.f) active[n_active++] = static_cast<int32_t>(c);
-        if (n_active > 0) add_rows(hid + t * hs, vec, d, wr, active, n_active);
+        for (int64_t c = 0; c < k; ++c) {
+          bool any = false;
+          for (int g = 0; g < nr; ++g) any |= coef[c * kRowTile + g] != 0.f;
+          for (int g = nr; g < kRowTile; ++g) coef[c * kRowTile + g] = 0.f;
+          if (any) active[n_active++] = static_cast<int32_t>(c);
+        }
+        for (int64_t j0 = 0; j0 < d; j0 += kChunk) {
+          const int64_t n = std::min(kChunk, d - j0);
+          axpy_rows(acc, coef, active, n_active, vec, d, j0, n);
+          for (int g = 0; g < nr; ++g) {
+            T* h = hid + rows_t[g] * hs + j0;
+            for (int64_t j = 0; j < n; ++j)
+              h[j] = static_cast<T>(static_cast<float>(h[j]) + acc[g][j]);
+          }
+        }
       }
     });
   });

@@ -16,7 +16,9 @@ Shapes (T token rows, d hidden size, k selected features, R strengths rows):
     strengths        : [R, k]    fp32 per-row strengths; row 0 unused (off)
     modes            : [R, k]    int8 codes from ``codes.py``; row 0 all off
     row_index        : [T]       int32/int64 row of strengths per token row
-    topk_kth         : [T]       k-th largest full pre-activation (TopK only)
+    topk_kth         : [T]       TopK threshold: a feature is among the top k of its
+                                 row iff pre >= topk_kth (plans pass the midpoint of
+                                 the k-th and (k+1)-th largest full pre-activations)
 """
 
 from __future__ import annotations
@@ -143,45 +145,3 @@ def add_vectors_(
     w = weights[row_index.long()].float()
     hidden.copy_((hidden.float() + w @ vectors.float()).to(hidden.dtype))
 
-
-def full_encode(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    apply_b_dec_to_input: bool,
-    architecture: str,
-    threshold: torch.Tensor | None = None,
-    k: int | None = None,
-    input_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full SAE encode in fp32 (sae-lens semantics): returns (pre, f) [T, d_sae].
-
-    ``input_scale`` is the activation-normalisation constant (x is multiplied
-    by it before encoding and the decoder output divided by it).
-    """
-    xin = x.float() * input_scale
-    if apply_b_dec_to_input:
-        xin = xin - b_dec.float()
-    pre = xin @ W_enc.float() + b_enc.float()
-    if architecture == "standard":
-        f = torch.relu(pre)
-    elif architecture == "jumprelu":
-        f = torch.relu(pre) * (pre > threshold.float())
-    elif architecture == "topk":
-        vals, idx = torch.topk(pre, k, dim=-1)
-        f = torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-    else:
-        raise ValueError(f"unknown architecture {architecture!r}")
-    return pre, f
-
-
-def topk_kth_value(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                   k: int, *, apply_b_dec_to_input: bool, input_scale: float = 1.0) -> torch.Tensor:
-    """k-th largest full pre-activation per token row [T] (the exact TopK path)."""
-    xin = x.float() * input_scale
-    if apply_b_dec_to_input:
-        xin = xin - b_dec.float()
-    pre = xin @ W_enc.float() + b_enc.float()
-    return torch.topk(pre, k, dim=-1).values[:, -1].contiguous()

@@ -15,6 +15,13 @@ data-dependent shapes, so it can be captured in a CUDA graph:
    coefficients are all zero (every mode off: row 0, padding, unsteered
    requests) are never stored, so they stay bit-identical.
 
+Two launches rather than one fused kernel because every coefficient of a row
+must be known before any column of that row is written (the encode reads the
+unsteered row), and because splitting the decode over hidden columns keeps
+the GPU busy at decode-time batch sizes (T of 1..64). The scratch is a normal
+caching-allocator tensor; under CUDA-graph capture it comes from the graph's
+pool like any activation.
+
 Everything runs in fp32 whatever the input dtype (``tl.dot`` with
 ``input_precision="ieee"``, no TF32). Tables must be contiguous; ``hidden``
 and ``residual`` only need a contiguous last dimension.
@@ -32,7 +39,6 @@ to run on CPU tensors (``triton.jit`` reads it when a kernel is decorated).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -44,7 +50,16 @@ from sae_fast.ops import codes
 NAMESPACE = "sae_fast_triton"
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_NUM_WARPS = 4
+
+# Fixed tile sizes (no autotuning: it would launch benchmark runs, also during
+# CUDA-graph capture). The fp32 "ieee" tl.dot runs on FMA units and keeps its
+# operands in registers; with 8 warps, BLOCK_T <= 64 and these sizes, sm_90
+# builds (triton 3.9, fp32/fp16/bf16) use <= 190 registers and spill nothing,
+# while 4 warps or BLOCK_D = 128 spill. tl.dot needs every block dim >= 16.
+_NUM_WARPS = 8
+_COEF_BLOCK_D = 32
+_ADD_BLOCK_K = 16
+_ADD_BLOCK_D = 64
 
 
 class SteerArgumentError(ValueError, RuntimeError):
@@ -284,16 +299,26 @@ def _pow2_between(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def _coef_blocks(T: int, k: int) -> dict:
+    """Tile sizes of ``_steer_coef_kernel`` for T token rows and k features."""
+    # Few rows (decode): narrower feature tiles give more programs to spread k*d over.
+    return dict(BLOCK_T=_pow2_between(T, 16, 64),
+                BLOCK_K=_pow2_between(k, 16, 16 if T <= 16 else 32), BLOCK_D=_COEF_BLOCK_D)
+
+
+def _add_blocks(T: int) -> dict:
+    """Tile sizes of ``_add_rows_kernel`` for T token rows."""
+    return dict(BLOCK_T=_pow2_between(T, 16, 64), BLOCK_K=_ADD_BLOCK_K, BLOCK_D=_ADD_BLOCK_D)
+
+
 def _launch_coef(hidden, residual, enc_w, enc_b, threshold, max_act, strengths, modes,
                  row_index, topk_kth, activation: int, scale: float, lo: float,
                  hi: float) -> torch.Tensor:
     T, d = hidden.shape
     k = enc_w.shape[0]
     coef = torch.empty((T, k), dtype=torch.float32, device=hidden.device)
-    # tl.dot needs every block dim >= 16.
-    BLOCK_T = _pow2_between(T, 16, 64)
-    BLOCK_K = _pow2_between(k, 16, 64)
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(k, BLOCK_K))
+    blocks = _coef_blocks(T, k)
+    grid = (triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(k, blocks["BLOCK_K"]))
     _steer_coef_kernel[grid](
         hidden, residual if residual is not None else hidden, enc_w,
         enc_b if enc_b is not None else max_act, threshold if threshold is not None else max_act,
@@ -303,7 +328,7 @@ def _launch_coef(hidden, residual, enc_w, enc_b, threshold, max_act, strengths, 
         float(scale), float(lo), float(hi),
         HAS_RESIDUAL=residual is not None, HAS_BIAS=enc_b is not None,
         HAS_THRESHOLD=threshold is not None, ACTIVATION=int(activation),
-        BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_D=64, num_warps=_NUM_WARPS,
+        num_warps=_NUM_WARPS, **blocks,
     )
     return coef
 
@@ -311,15 +336,13 @@ def _launch_coef(hidden, residual, enc_w, enc_b, threshold, max_act, strengths, 
 def _launch_add_rows(hidden, table, coef, row_index: Optional[torch.Tensor]) -> None:
     T, d = hidden.shape
     k = table.shape[0]
-    BLOCK_T = _pow2_between(T, 16, 64)
-    BLOCK_K = _pow2_between(k, 16, 32)
-    BLOCK_D = 128 if BLOCK_T <= 16 else 64
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(d, BLOCK_D))
+    blocks = _add_blocks(T)
+    grid = (triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(d, blocks["BLOCK_D"]))
     _add_rows_kernel[grid](
         hidden, table, coef, row_index if row_index is not None else coef,
         T, d, k, coef.shape[0], hidden.stride(0), coef.stride(0),
         GATHER=row_index is not None,
-        BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=_NUM_WARPS,
+        num_warps=_NUM_WARPS, **blocks,
     )
 
 

