@@ -43,6 +43,7 @@ class SteeringStats:
     strength_n: int = 0
     strength_sum: float = 0.0
     strength_sumsq: float = 0.0
+    steer_time_s: float = 0.0  # host time inside the steering code (when profiling)
     failure_reasons: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)  # feature idx -> FeatureSummary
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -102,13 +103,13 @@ class SteeringStats:
                 "successes": self.successes, "failures": self.failures,
                 "failure_reasons": dict(self.failure_reasons),
                 "strength_mean": self.strength_mean, "strength_std": self.strength_std,
-                "strength_count": self.strength_n,
+                "strength_count": self.strength_n, "steer_time_s": self.steer_time_s,
                 "features": {f: s.as_dict() for f, s in sorted(self.features.items())}}
 
     def merge(self, other: "SteeringStats") -> "SteeringStats":
         out = SteeringStats()
         for name in ("steps", "steered_rows", "successes", "failures", "strength_n",
-                     "strength_sum", "strength_sumsq"):
+                     "strength_sum", "strength_sumsq", "steer_time_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for src in (self, other):
             for r, n in src.failure_reasons.items():
@@ -120,7 +121,7 @@ class SteeringStats:
         fresh = SteeringStats()
         with self._lock:
             for name in ("steps", "steered_rows", "successes", "failures", "strength_n",
-                         "strength_sum", "strength_sumsq"):
+                         "strength_sum", "strength_sumsq", "steer_time_s"):
                 setattr(self, name, getattr(fresh, name))
             self.failure_reasons.clear()
             self.features.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -110,7 +111,7 @@ class HFSteerer:
     def __init__(self, model: nn.Module, *, max_batch: int = 64, max_tokens: int = 1 << 16,
                  steer_prompt: bool = True, strength_schedule: str = "constant",
                  schedule_steps: Optional[int] = None, on_error: str = "record",
-                 record_activations: bool = False) -> None:
+                 record_activations: bool = False, profile: bool = False) -> None:
         if strength_schedule not in SCHEDULES:
             raise SteeringSpecError(f"strength_schedule={strength_schedule!r} is not one of "
                                     f"{', '.join(SCHEDULES)}")
@@ -126,6 +127,7 @@ class HFSteerer:
         self.schedule_steps = schedule_steps
         self.on_error = on_error
         self.record_activations = record_activations
+        self.profile = profile  # accumulate host time inside the hooks in stats.steer_time_s
         self.groups: list[SAEGroup] = []
         self.stats = SteeringStats()
         self._enabled = True
@@ -268,22 +270,30 @@ class HFSteerer:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if not self._enabled or self._row_index is None:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-                self.stats.record_failure(f"layer {layer} returned {type(hidden).__name__} "
-                                          "instead of a [batch, seq, hidden] tensor")
-                return None
+            t0 = time.perf_counter() if self.profile else 0.0
             try:
-                new_hidden = self._steer(layer, hidden)
-            except Exception as err:  # never run unsteered silently
-                if self.on_error == "raise":
-                    raise
-                self.stats.record_failure(f"{type(err).__name__}: {err}")
-                return None
-            if new_hidden is hidden:
-                return None
-            return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+                return self._layer_hook_body(layer, output)
+            finally:
+                if self.profile:
+                    self.stats.steer_time_s += time.perf_counter() - t0
         return hook
+
+    def _layer_hook_body(self, layer: int, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            self.stats.record_failure(f"layer {layer} returned {type(hidden).__name__} "
+                                      "instead of a [batch, seq, hidden] tensor")
+            return None
+        try:
+            new_hidden = self._steer(layer, hidden)
+        except Exception as err:  # never run unsteered silently
+            if self.on_error == "raise":
+                raise
+            self.stats.record_failure(f"{type(err).__name__}: {err}")
+            return None
+        if new_hidden is hidden:
+            return None
+        return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
     def _steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         B, S, d = hidden.shape
