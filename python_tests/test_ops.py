@@ -96,6 +96,28 @@ def test_row_zero_is_exact_noop_and_t0_is_fine():
 
 
 @needs_ext
+@pytest.mark.parametrize("T,k", [(5, 3), (64, 64)])  # row path and GEMM path
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_off_rows_are_bit_identical(T, k, dtype):
+    case = random_steer_case(T, 123, k, dtype=dtype)
+    case["row_index"][::2] = 0
+    case["modes"][1:] = codes.MODE_SET
+    off = case["row_index"] == 0
+    case["hidden"][off, 0] = -0.0
+    case["hidden"][off, 1] = float("nan")
+    before = case["hidden"].clone()
+    torch.ops.sae_fast.steer_(**case)
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
+    assert torch.equal(case["hidden"][off].view(bits), before[off].view(bits))
+    assert not torch.equal(case["hidden"][~off], before[~off])
+    w = torch.randn(4, k)
+    w[0] = 0
+    h = before.clone()
+    torch.ops.sae_fast.add_vectors_(h, case["dec_w"], w, case["row_index"])
+    assert torch.equal(h[off].view(bits), before[off].view(bits))
+
+
+@needs_ext
 @pytest.mark.parametrize("bad,match", [
     (dict(row_index=torch.tensor([0, 9, 1], dtype=torch.int32)), r"row_index\[1\] = 9 is outside \[0, 4\)"),
     (dict(enc_w=torch.randn(7, 65)), r"enc_w must have shape \[k, 123\]"),
@@ -189,3 +211,15 @@ def test_ops_under_torch_compile_have_no_graph_break():
     out2 = compiled(hidden.clone(), residual)
     case2 = dict(case, strengths=tensors["strengths"])
     assert_steer_close(out2, case2, what="compiled after in-place edit")
+
+
+@needs_ext
+def test_gemm_path_bad_values_are_named():
+    case = random_steer_case(100, 64, 8)  # T * k >= 512: the GEMM path
+    case["row_index"][37] = 11
+    with pytest.raises(RuntimeError, match=r"row_index\[37\] = 11 is outside \[0, 4\)"):
+        torch.ops.sae_fast.steer_(**case)
+    case = random_steer_case(100, 64, 8)
+    case["modes"][2, 5] = -3
+    with pytest.raises(RuntimeError, match=r"modes\[2, 5\] = -3 is not a mode code"):
+        torch.ops.sae_fast.steer_(**case)

@@ -299,7 +299,12 @@ void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
   coef = at::where(m.eq(kSet), s.mul(max_act).sub(f), coef);
   coef = at::where(m.eq(kScale), f.mul(s).sub(f), coef);
   coef = at::where(m.eq(kAblate), f.neg(), coef);
-  hidden.copy_(hidden.to(at::kFloat).add_(coef.mm(dec_w.to(at::kFloat))));
+  // Only live rows are written, so rows whose modes are all off stay
+  // bit-identical (-0.0 and NaN payloads included), as on the row path.
+  const auto live = m.ne(kOff).any(1).nonzero().squeeze(1);
+  const auto rows = hidden.index_select(0, live).to(at::kFloat);
+  hidden.index_copy_(0, live, rows.add_(coef.index_select(0, live).mm(dec_w.to(at::kFloat)))
+                                  .to(hidden.scalar_type()));
 }
 
 void steer_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
@@ -377,7 +382,10 @@ void add_vectors_cpu(at::Tensor& hidden, const at::Tensor& vectors, const at::Te
     check_rows_and_modes_values(row_index, nullptr, R);
     at::NoGradGuard no_grad;
     const auto w_rows = weights.index_select(0, row_index.to(at::kLong));
-    hidden.copy_(hidden.to(at::kFloat).add_(w_rows.mm(vectors.to(at::kFloat))));
+    const auto live = w_rows.ne(0).any(1).nonzero().squeeze(1);
+    const auto rows = hidden.index_select(0, live).to(at::kFloat);
+    hidden.index_copy_(0, live, rows.add_(w_rows.index_select(0, live).mm(vectors.to(at::kFloat)))
+                                    .to(hidden.scalar_type()));
     return;
   }
   dispatch_types(hidden, row_index, [&](auto type_tag, auto idx_tag) {

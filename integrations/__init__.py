@@ -1,0 +1,1 @@
+"""Integrations of sae_fast with training frameworks (verl)."""
