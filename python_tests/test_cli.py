@@ -1,0 +1,168 @@
+"""sae-fast CLI and examples/run_sae_ppo.py: the user's flags, config +
+overrides, errors as one line with exit code 2, inspect / generate / plot /
+demo."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sae_fast.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models run fastest on one thread, and on this shared 2-core machine
+    # two intra-op threads under load spin against each other (measured: one
+    # generate call of the tiny Llama 0.3 s with 1 thread, 4-18 s with 2).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    from sae_fast.train.synthetic import build_synthetic_task
+
+    return build_synthetic_task(tmp_path_factory.mktemp("task"))
+
+
+def config_file(task, tmp_path, **extra):
+    """A YAML config without the paths (those come from the user's flags)."""
+    cfg = {
+        "sae": {"selected_features": [task.feature], "target_layer": task.layer, "mode": "add",
+                "predictor_hidden_size": 32, "predictor_layers": 1},
+        "rollout": {"max_new_tokens": 6},
+        "algorithm": {"n_samples": 2, "lr": 0.01},
+        "reward": {"name": "token_preference", "kwargs": {"token_sets": task.token_sets}},
+        "trainer": {"batch_size": 4, "total_steps": 2, "val_every": 0, "save_every": 1,
+                    "progress_bar": False, "final_eval": False},
+    }
+    for key, value in extra.items():
+        section, name = key.split(".")
+        cfg.setdefault(section, {})[name] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def user_flags(task, tmp_path, out="out"):
+    return ["--config", str(config_file(task, tmp_path)), "--base-model-path", task.model_path,
+            "--sae-model-path", task.sae_path, "--train-data", task.train_path,
+            "--val-data", task.val_path, "--strength-scale", "1.0",
+            "--output-dir", str(tmp_path / out)]
+
+
+def load_example_script():
+    spec = importlib.util.spec_from_file_location("run_sae_ppo", ROOT / "examples" / "run_sae_ppo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_sae_ppo_with_the_users_flags(task, tmp_path, capsys):
+    script = load_example_script()
+    assert script.main(user_flags(task, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "learned predictor" in out and "unsteered" in out
+    run = tmp_path / "out"
+    assert (run / "predictor" / "predictor.safetensors").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["path"] == task.model_path
+    assert saved["sae"]["strength_scale"] == 1.0
+    assert saved["data"]["train_files"] == [task.train_path]
+    # --disable-sae: the same run, no steering, labelled
+    assert script.main(user_flags(task, tmp_path, "off") + ["--disable-sae"]) == 0
+    out = capsys.readouterr().out
+    assert "SAE steering DISABLED" in out
+    assert not (tmp_path / "off" / "predictor").exists()
+    # pass-through flags: --resume continues the finished run with more steps
+    assert script.main(user_flags(task, tmp_path) + ["--resume", "--total-steps", "3"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_sae_fast_train_overrides_and_errors(task, tmp_path, capsys):
+    flags = user_flags(task, tmp_path)
+    assert main(["train", *flags, "--set", "sae.num_featurez=3"]) == 2
+    assert "unknown config key 'sae.num_featurez'" in capsys.readouterr().err
+    assert main(["train", *flags, "--set", "sae.min_strength=9"]) == 2
+    assert "min_strength=9.0 > max_strength=5.0" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": oops}\n')
+    assert main(["train", *flags, "--train-data", str(bad)]) == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+    assert main(["train", *flags, "--set", "reward.name=nope"]) == 2
+    assert "unknown reward function 'nope'" in capsys.readouterr().err
+    assert main(["train", *flags, "--sae-model-path", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--config", str(config_file(task, tmp_path))]) == 2
+    assert "model.path" in capsys.readouterr().err
+
+
+def test_inspect_sae_and_predictor(task, tmp_path, capsys):
+    assert main(["inspect", task.sae_path, "--features", "3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "sae" and info["d_in"] == 128 and info["d_sae"] == 512
+    assert "3" in info["features"] or 3 in info["features"]
+    assert main(["inspect", task.sae_path]) == 0
+    assert "architecture" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from sae_fast.predictor import PredictorConfig, StrengthPredictor
+
+    StrengthPredictor(PredictorConfig(input_dim=128, num_features=1, features=[3])).save(
+        tmp_path / "pred")
+    assert main(["inspect", str(tmp_path / "pred"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "predictor" and info["num_features"] == 1
+
+
+def test_generate_fixed_and_predicted_strengths(task, tmp_path, capsys):
+    base = ["generate", "--model", task.model_path, "--prompt", "Please write a happy story",
+            "--prompt", "What is 1 plus 2?", "--max-new-tokens", "5"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--sae", task.sae_path, "--features", "3", "--strengths", "5",
+                        "--layer", "-1"]) == 0
+    steered = capsys.readouterr().out
+    assert "strengths=[5.0]" in steered and steered != plain
+    from sae_fast.predictor import PredictorConfig, StrengthPredictor
+
+    StrengthPredictor(PredictorConfig(input_dim=128, num_features=1, features=[3],
+                                      steering={"mode": "add", "layers": [-1]})).save(
+        tmp_path / "pred")
+    assert main(base + ["--sae", task.sae_path, "--predictor", str(tmp_path / "pred")]) == 0
+    assert "strengths=" in capsys.readouterr().out
+    assert main(base + ["--features", "3"]) == 2
+    assert "needs --sae" in capsys.readouterr().err
+    assert main(base + ["--predictor", str(tmp_path / "pred")]) == 2  # records no SAE path
+    assert "pass --sae" in capsys.readouterr().err
+
+
+def test_plot_rebuilds_from_metrics(task, tmp_path, capsys):
+    assert main(["train", *user_flags(task, tmp_path)]) == 0
+    capsys.readouterr()
+    for p in (tmp_path / "out").glob("*.png"):
+        p.unlink()
+    assert main(["plot", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "reward_curve.png").is_file()
+    assert main(["plot", str(tmp_path)]) == 2
+
+
+def test_demo_prints_the_validation_table(tmp_path, capsys):
+    assert main(["demo", "--tiny", "--steps", "12", "--no-progress", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("unsteered", "random strengths", "best constant strength", "learned predictor",
+                "95% CI"):
+        assert row in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    v = summary["validation"]
+    assert v["learned"]["mean"] > max(v["unsteered"]["mean"], v["random"]["mean"],
+                                      v["best_constant"]["mean"]) + 0.3

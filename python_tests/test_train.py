@@ -1,0 +1,664 @@
+"""sae_fast.train: data, rewards, RL losses, embeddings, rollouts, checkpoints,
+and the trainer on a synthetic task with a tiny local Llama (the LLM and the
+SAE frozen; only the predictor learns)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_fast.config import ConfigError, load_config
+from sae_fast.sae import SAELoadError, load_sae, random_sae, save_sae
+from sae_fast.train import rewards as R
+from sae_fast.train.checkpoint import CheckpointError, CheckpointManager
+from sae_fast.train.data import BatchSchedule, DataError, format_prompt, load_dataset
+from sae_fast.train.rl import (PolicyUpdater, gaussian_entropy, gaussian_kl, gaussian_log_prob,
+                               group_advantages, make_optimizer, ppo_clip_objective)
+from sae_fast.train.rollout import Decoding, HFRolloutEngine, RolloutError
+from sae_fast.train.trainer import UNSTEERED_LABEL, Trainer, mean_ci95, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models run fastest on one thread, and on this shared 2-core machine
+    # two intra-op threads under load spin against each other (measured: one
+    # generate call of the tiny Llama 0.3 s with 1 thread, 4-18 s with 2).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# =========================================================================== fixtures
+@pytest.fixture(scope="module")
+def tiny():
+    from sae_fast.generate import load_hf
+    from sae_fast.models import tiny_model
+
+    return load_hf(str(tiny_model("llama")))
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    from sae_fast.train.synthetic import build_synthetic_task
+
+    model, tok = tiny
+    return build_synthetic_task(tmp_path_factory.mktemp("task"), model=model, tokenizer=tok)
+
+
+def make_cfg(task, out, **over):
+    values = task.overrides()
+    values.update({
+        "sae.predictor_hidden_size": 64, "sae.predictor_layers": 1,
+        "rollout.max_new_tokens": 8, "rollout.max_batch": 64,
+        "algorithm.n_samples": 4, "algorithm.lr": 1e-2,
+        "trainer.batch_size": 8, "trainer.total_steps": 4, "trainer.val_every": 0,
+        "trainer.save_every": 2, "trainer.output_dir": str(out), "trainer.progress_bar": False,
+        "trainer.seed": 0,
+    })
+    values.update(over)
+    return load_config(None, values=values)
+
+
+def run(cfg, tiny, **kw):
+    model, tok = tiny
+    return train(cfg, model=model, tokenizer=tok, **kw)
+
+
+def hooks(model):
+    """Every forward (pre-)hook on the model and its decoder layers."""
+    from sae_fast.backends.hf import decoder_layers
+
+    mods = [model, *decoder_layers(model)]
+    return [(id(m), k) for m in mods for k in (*m._forward_pre_hooks, *m._forward_hooks)]
+
+
+def metrics_rows(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# =========================================================================== data
+def test_jsonl_fields_and_aliases(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join([
+        json.dumps({"prompt": "a?", "answer": "1"}),
+        "",
+        json.dumps({"question": "b?", "ground_truth": ["x", "y"], "data_source": "src"}),
+        json.dumps({"prompt": [{"role": "user", "content": "c?"}],
+                    "reward_model": {"ground_truth": "3"}, "extra_info": {"i": 2}}),
+    ]) + "\n")
+    ex = load_dataset(p)
+    assert [e.prompt for e in ex[:2]] == ["a?", "b?"]
+    assert ex[0].data_source == "d" and ex[1].data_source == "src"
+    assert ex[1].ground_truth == ["x", "y"] and ex[2].ground_truth == "3"
+    assert ex[2].extra_info == {"i": 2} and isinstance(ex[2].prompt, list)
+    assert [e.index for e in ex] == [0, 1, 2]
+    assert len(load_dataset([p, p], max_samples=4)) == 4
+
+
+@pytest.mark.parametrize("lines,match", [
+    (['{"prompt": "a", "answer": 1}', '{"prompt": "b", "answer": '], r"d\.jsonl:2: not valid JSON"),
+    (['{"prompt": "a", "answer": 1}', '', '{"answer": 1}'], r"d\.jsonl:3: no prompt field"),
+    (['{"prompt": "a"}'], r"d\.jsonl:1: no answer field"),
+    (['[1, 2]'], r"d\.jsonl:1: expected a JSON object"),
+    (['{"prompt": "  ", "answer": 1}'], "prompt is empty"),
+    (['{"prompt": 5, "answer": 1}'], "must be a string or a list"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, lines, match):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=match):
+        load_dataset(p)
+
+
+def test_missing_and_unknown_data_files(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unknown data format"):
+        load_dataset(tmp_path / "x.csv")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        load_dataset(tmp_path / "e.jsonl")
+
+
+def test_verl_style_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    frame = pd.DataFrame([
+        {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "1+1?"}],
+         "ability": "math", "reward_model": {"style": "rule", "ground_truth": "2"},
+         "extra_info": {"split": "train", "index": 0}},
+        {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "2+2?"}],
+         "ability": "math", "reward_model": {"style": "rule", "ground_truth": "4"},
+         "extra_info": {"split": "train", "index": 1}},
+    ])
+    frame.to_parquet(tmp_path / "t.parquet")
+    ex = load_dataset(tmp_path / "t.parquet")
+    assert ex[1].prompt == [{"role": "user", "content": "2+2?"}]
+    assert ex[1].ground_truth == "4" and ex[1].data_source == "openai/gsm8k"
+    assert ex[0].extra_info["index"] == 0
+    pd.DataFrame([{"prompt": "x"}]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: row 0: no answer field"):
+        load_dataset(tmp_path / "bad.parquet")
+
+
+def test_batch_schedule_is_a_pure_function_of_seed_and_step():
+    a, b = BatchSchedule(10, 4, seed=3), BatchSchedule(10, 4, seed=3)
+    assert [a.batch(s) for s in range(6)] == [b.batch(s) for s in reversed(range(6))][::-1]
+    first_epoch = a.batch(0) + a.batch(1) + a.batch(2)[:2]
+    assert sorted(first_epoch) == list(range(10))
+    assert BatchSchedule(10, 4, seed=4).batch(0) != a.batch(0) or \
+        BatchSchedule(10, 4, seed=4).batch(1) != a.batch(1)
+    assert a.steps_for_epochs(2) == 5
+
+
+def test_format_prompt_chat_template_modes(tiny):
+    from sae_fast.train.data import Example
+
+    _, tok = tiny
+    ex = Example(prompt="hi", ground_truth="x", data_source="d")
+    assert format_prompt(ex, tok, "auto") == "hi"  # the tiny tokenizer has no template
+    with pytest.raises(DataError, match="no chat template"):
+        format_prompt(ex, tok, "always")
+
+
+# =========================================================================== rewards
+def test_builtin_rewards():
+    assert R.exact_match("d", " Paris. ", "paris") == 1.0
+    assert R.exact_match("d", "so #### 42", "#### 42") == 1.0
+    assert R.exact_match("d", "Rome", "Paris") == 0.0
+    assert R.gsm8k("d", "3+5=8\n#### 8", "3 + 5 = 8\n#### 8") == 1.0
+    assert R.gsm8k("d", "#### 1,000", "1000") == 1.0
+    assert R.gsm8k("d", "the answer is 8", "#### 8") == 0.0
+    assert R.gsm8k("d", "the answer is 8", "#### 8", method="flexible") == 1.0
+    assert R.gsm8k("d", "#### 7", "#### 8", format_score=0.1) == 0.1
+    assert R.keyword("d", "Paris is the capital.", "paris") == 1.0
+    assert R.keyword("d", "red and blue", ["red", "green"]) == 0.5
+    assert R.keyword("d", "happy happy sad", None, lexicon={"happy": 1, "sad": -2}) == 0.0
+    assert R.keyword("d", "happy day", None, lexicon={"happy": 1}, per_word=True) == 0.5
+    sets = {"up": [1, 2], "down": [3]}
+    assert R.token_preference("d", "", "up", {"response_ids": [1, 2, 3, 9]}, token_sets=sets) == 0.25
+    assert R.token_preference("d", "", "down", {"response_ids": [3, 3]}, token_sets=sets) == 1.0
+    with pytest.raises(R.RewardError, match="response_ids"):
+        R.token_preference("d", "", "up", {}, token_sets=sets)
+    routed = R.RewardFunction("by_data_source", {"routes": {
+        "math": {"name": "gsm8k", "kwargs": {"method": "flexible"}}}, "default": "exact_match"})
+    assert routed(["math", "cap"], ["it is 4", "Rome"], ["4", "Rome"], [None, None])[0] == [1.0, 1.0]
+
+
+def test_custom_reward_functions(tmp_path, monkeypatch):
+    mod = tmp_path / "my_rewards.py"
+    mod.write_text(
+        "def score(data_source, solution_str, ground_truth, extra_info=None, bonus=0.0):\n"
+        "    return {'score': float(ground_truth in solution_str) + bonus, 'length': len(solution_str)}\n"
+        "def two_args(a, b):\n    return 1.0\n"
+        "def bad(data_source, solution_str, ground_truth, extra_info=None):\n    return 'high'\n")
+    fn = R.RewardFunction(f"{mod}:score", {"bonus": 0.5})
+    scores, extras = fn(["d", "d"], ["abc", "x"], ["b", "b"], [None, None])
+    assert scores == [1.5, 0.5] and extras == {"length": 2.0}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert R.RewardFunction("my_rewards:score")(["d"], ["b"], ["b"], [None])[0] == [1.0]
+    with pytest.raises(R.RewardError, match="takes 2 positional"):
+        R.RewardFunction("my_rewards:two_args")
+    with pytest.raises(R.RewardError, match="expected a number"):
+        R.RewardFunction("my_rewards:bad")(["d"], ["b"], ["b"], [None])
+    with pytest.raises(R.RewardError, match="not found"):
+        R.RewardFunction("my_rewards:nope")
+    with pytest.raises(R.RewardError, match="cannot be imported"):
+        R.RewardFunction("no_such_module_xyz:fn")
+    with pytest.raises(R.RewardError, match="unknown reward function 'f1_score'"):
+        R.RewardFunction("f1_score")
+
+
+def test_verl_reward_when_available():
+    try:
+        import verl  # noqa: F401
+    except ImportError:
+        with pytest.raises(R.RewardError, match="needs verl"):
+            R.RewardFunction("verl")
+        return
+    fn = R.RewardFunction("verl")
+    scores, _ = fn(["openai/gsm8k"], ["#### 8"], ["8"], [None])
+    assert scores == [1.0]
+
+
+# =========================================================================== rl
+def test_gaussian_helpers_match_torch():
+    mean, log_std = torch.randn(5, 3), torch.randn(3) * 0.3
+    u = torch.randn(5, 3)
+    d = torch.distributions.Normal(mean, log_std.exp())
+    assert torch.allclose(gaussian_log_prob(u, mean, log_std), d.log_prob(u).sum(-1), atol=1e-5)
+    assert torch.allclose(gaussian_entropy(log_std), d.entropy()[0].sum(), atol=1e-5)
+    m2, s2 = torch.randn(5, 3), torch.randn(5, 3) * 0.2
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, log_std.exp()),
+                                            torch.distributions.Normal(m2, s2.exp())).sum(-1)
+    assert torch.allclose(gaussian_kl(mean, log_std.expand_as(mean), m2, s2), ref, atol=1e-5)
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 5.0, 5.0, 5.0, 5.0])
+    adv = group_advantages(r, 4)
+    assert torch.allclose(adv[4:], torch.zeros(4))
+    assert adv[0] > 0 > adv[1] and abs(float(adv[:4].sum())) < 1e-5
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(r, 3)
+
+
+def test_ppo_clip_objective():
+    adv = torch.tensor([1.0, -1.0])
+    old = torch.zeros(2)
+    loss, diag = ppo_clip_objective(torch.log(torch.tensor([2.0, 0.5])), old, adv, 0.2)
+    # ratio 2 with A>0 clipped at 1.2; ratio 0.5 with A<0 clipped at 0.8
+    assert math.isclose(float(loss), -(1.2 - 0.8) / 2, rel_tol=1e-5)
+    assert diag["clipfrac"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo", "reinforce"])
+def test_policy_update_moves_mean_towards_rewarded_actions(name):
+    from sae_fast.config import AlgorithmConfig
+    from sae_fast.predictor import PredictorConfig, StrengthPredictor
+
+    torch.manual_seed(0)
+    p = StrengthPredictor(PredictorConfig(input_dim=8, num_features=1, hidden_size=16,
+                                          num_layers=1, value_head=name == "ppo"))
+    cfg = AlgorithmConfig(name=name, n_samples=8, lr=5e-2, ppo_epochs=4, kl_coef=0.1,
+                          entropy_coef=0.01, baseline="ema")
+    upd = PolicyUpdater(p, make_optimizer(p, cfg), cfg)
+    emb = torch.randn(4, 8)
+    for step in range(15):
+        batch = p.sample(emb, cfg.n_samples, generator=torch.Generator().manual_seed(step))
+        rewards = batch["strengths"][:, 0]  # higher strength = higher reward
+        m = upd.update(emb, batch, rewards, generator=torch.Generator().manual_seed(step))
+        assert all(math.isfinite(v) for v in m.values())
+    assert float(p.mean_strengths(emb).detach().mean()) > 1.0
+    if name == "ppo":
+        assert m["actor/value_loss"] > 0
+
+
+# =========================================================================== embeddings
+def test_hidden_embedding_is_masked_mean_of_the_layer_output(tiny):
+    from sae_fast.train.embeddings import QuestionEmbedder
+
+    model, tok = tiny
+    texts = ["What is the capital of France?", "Numbers: one two"]
+    emb = QuestionEmbedder(model, tok, layer=1, exclude_special_tokens=False)
+    got = emb.embed_texts(texts)
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hs = model(**enc, output_hidden_states=True).hidden_states[2]  # output of layer 1
+    m = enc["attention_mask"][..., None].float()
+    ref = (hs * m).sum(1) / m.sum(1)
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert emb.misses == 2
+    emb.embed_texts(texts[:1])
+    assert emb.hits == 1
+    inp = QuestionEmbedder(model, tok, source="input_embeddings").embed_texts(texts[1:])
+    ids = tok(texts[1:], return_tensors="pt")["input_ids"]
+    assert torch.allclose(inp[0], model.get_input_embeddings().weight[ids[0]].mean(0), atol=1e-5)
+
+
+def test_embeddings_are_unsteered_even_with_steering_attached(tiny, task):
+    from sae_fast.plan import SteeringSpec
+    from sae_fast.train.embeddings import QuestionEmbedder
+
+    model, tok = tiny
+    clean = QuestionEmbedder(model, tok, layer=-1).embed_texts(["Please write a happy story"])
+    spec = SteeringSpec(features=[task.feature], mode="add", min_strength=-5, max_strength=5)
+    with HFRolloutEngine(model, tok, load_sae(task.sae_path), spec, layers=[1]) as eng:
+        eng.steerer.set_strengths([[5.0]])
+        guarded = QuestionEmbedder(model, tok, layer=-1, guard=eng.unsteered)
+        assert torch.allclose(guarded.embed_texts(["Please write a happy story"]), clean, atol=1e-6)
+        assert eng.steerer.enabled
+
+
+# =========================================================================== rollout
+def test_hf_engine_rows_match_rows_alone_and_unsteered_matches_plain(tiny, task):
+    from sae_fast.plan import SteeringSpec
+
+    model, tok = tiny
+    prompts = ["Please write a happy story about art.", "What is 3 plus 4? Numbers: 3 4",
+               "Tell me something kind"]
+    greedy = Decoding(max_new_tokens=6, do_sample=False)
+    spec = SteeringSpec(features=[task.feature], mode="add", min_strength=-5, max_strength=5)
+    plain = HFRolloutEngine(model, tok).generate(prompts, None, greedy)
+    with HFRolloutEngine(model, tok, load_sae(task.sae_path), spec, layers=[-1]) as eng:
+        rows = torch.tensor([[5.0], [-5.0], [0.0]])
+        batched = eng.generate(prompts, rows, greedy)
+        alone = [eng.generate([p], rows[i:i + 1], greedy)[0] for i, p in enumerate(prompts)]
+        assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+        assert [c.token_ids for c in eng.generate(prompts, None, greedy)] == \
+            [c.token_ids for c in plain]
+        assert batched[0].token_ids != plain[0].token_ids
+        assert eng.stats.failures == 0 and eng.stats.successes > 0
+        with pytest.raises(RolloutError, match="2 strength rows for 3 prompts"):
+            eng.generate(prompts, rows[:2], greedy)
+    with pytest.raises(RolloutError, match="no SAE attached"):
+        HFRolloutEngine(model, tok).generate(prompts, rows, greedy)
+
+
+# =========================================================================== checkpoints
+def _small_predictor(seed=0):
+    from sae_fast.predictor import PredictorConfig, StrengthPredictor
+
+    torch.manual_seed(seed)
+    return StrengthPredictor(PredictorConfig(input_dim=8, num_features=2, hidden_size=8))
+
+
+def test_checkpoint_roundtrip_prune_and_corruption(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ck", keep=2)
+    p = _small_predictor()
+    opt = torch.optim.AdamW(p.parameters(), lr=0.1)
+    p(torch.randn(2, 8)).mean.sum().backward()
+    opt.step()
+    for step in (1, 2, 3):
+        mgr.save(step, p, opt, {"x": step})
+    assert [c.name for c in mgr.list()] == ["step_00000002", "step_00000003"]
+    ck = mgr.load()
+    assert ck["state"]["step"] == 3 and ck["state"]["x"] == 3
+    for (k, v), (k2, v2) in zip(p.state_dict().items(), ck["predictor"].state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    saved, live = ck["optimizer"]["state"], opt.state_dict()["state"]
+    assert saved.keys() == live.keys() and all(
+        torch.equal(saved[i]["exp_avg"], live[i]["exp_avg"]) for i in live)
+    bad = tmp_path / "ck" / "step_00000003" / "optimizer.pt"
+    bad.write_bytes(bad.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: contents do not match"):
+        mgr.load()
+    (tmp_path / "ck" / "latest").write_text("step_00000009\n")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mgr.latest()
+
+
+def test_checkpoint_never_half_written(tmp_path, monkeypatch):
+    import sae_fast.train.checkpoint as ckmod
+
+    mgr = CheckpointManager(tmp_path / "ck")
+    p = _small_predictor()
+    mgr.save(1, p, None, {})
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckmod.torch, "save", crash)
+    opt = torch.optim.AdamW(p.parameters())
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(2, p, opt, {})
+    monkeypatch.undo()
+    assert [c.name for c in mgr.list()] == ["step_00000001"]
+    assert mgr.latest().name == "step_00000001"
+    assert not list((tmp_path / "ck").glob(".tmp-*"))
+    # a folder left by a SIGKILL mid-save is invisible and cleaned on the next start
+    (tmp_path / "ck" / ".tmp-step_00000002-x").mkdir()
+    (tmp_path / "ck" / "step_00000005").mkdir()  # no manifest: incomplete
+    mgr2 = CheckpointManager(tmp_path / "ck")
+    assert not list((tmp_path / "ck").glob(".tmp-*"))
+    assert [c.name for c in mgr2.list()] == ["step_00000001"]
+    assert mgr2.load()["state"]["step"] == 1
+
+
+# =========================================================================== trainer
+def test_training_beats_unsteered_random_and_best_constant(tiny, task, tmp_path):
+    """The main job: on a task where the best strength depends on the question
+    type, the learned predictor beats every baseline on held-out questions."""
+    out = tmp_path / "run"
+    cfg = make_cfg(task, out, **{"trainer.total_steps": 20, "trainer.val_every": 10,
+                                 "trainer.save_every": 10})
+    t0 = time.perf_counter()
+    summary = run(cfg, tiny)
+    elapsed = time.perf_counter() - t0
+    v = summary["validation"]
+    learned = v["learned"]
+    for key in ("unsteered", "random", "best_constant"):
+        assert learned["mean"] > v[key]["mean"] + 0.3, (key, v)
+        assert learned["mean"] - learned["ci95"] > v[key]["mean"] + v[key]["ci95"], (key, v)
+    # predicted strengths differ between the question types, in the right direction
+    data = json.loads((out / "eval" / "strengths.json").read_text())
+    up = [s[0] for s, g in zip(data["strengths"], data["groups"]) if g == "up"]
+    down = [s[0] for s, g in zip(data["strengths"], data["groups"]) if g == "down"]
+    assert min(up) > 1.0 and max(down) < -1.0, (up, down)
+    # outputs: plots, predictor, metrics with strength stats, activations before/after
+    for name in ("reward_curve.png", "strength_distributions.png", "feature_activations.png",
+                 "predictor/predictor.safetensors", "summary.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    acts = json.loads((out / "eval" / "activations.json").read_text())
+    assert acts[str(task.feature)]["after_mean"] > acts[str(task.feature)]["before_mean"]
+    rows = metrics_rows(out)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 21))
+    assert {"reward/mean", "strength/mean", "strength/std", "steering/successes",
+            "steering/failures", "timing/generate_s"} <= set(train_rows[0])
+    assert all(r["steering/failures"] == 0 for r in train_rows)
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [0, 10, 20]
+    assert "learned predictor" in summary["table"] and "best constant" in summary["table"]
+    print(f"\ntraining test: {elapsed:.1f} s\n{summary['table']}")
+
+
+def test_llm_and_sae_frozen_only_predictor_trains(tiny, task, tmp_path):
+    model, tok = tiny
+    sae = load_sae(task.sae_path)
+    llm_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks_before = hooks(model)
+    sae_before = [t.detach().clone() for t in sae.parameters()]
+    cfg = make_cfg(task, tmp_path / "f", **{"trainer.total_steps": 3, "trainer.final_eval": False,
+                                            "algorithm.name": "ppo"})
+    tr = Trainer(cfg, model=model, tokenizer=tok, sae=sae)
+    tr.setup()
+    init = {k: v.clone() for k, v in tr.predictor.state_dict().items()}
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, llm_before[n]), n
+        assert not p.requires_grad and p.grad is None, n
+    for t, t0 in zip(sae.parameters(), sae_before):
+        assert torch.equal(t, t0) and not t.requires_grad and t.grad is None
+    opt_params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    pred_params = list(tr.predictor.parameters())
+    assert {id(p) for p in opt_params} == {id(p) for p in pred_params}
+    assert not {id(p) for p in opt_params} & {id(p) for p in model.parameters()}
+    assert len(tr.optimizer.state) > 0 and set(tr.optimizer.state) <= set(pred_params)
+    assert any(not torch.equal(v, init[k]) for k, v in tr.predictor.state_dict().items())
+    assert tr.engine.steerer is None  # our hooks removed on close
+    assert hooks(model) == hooks_before
+
+
+class Boom(Exception):
+    pass
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tiny, task, tmp_path):
+    over = {"trainer.total_steps": 6, "trainer.save_every": 2, "trainer.val_every": 3,
+            "trainer.final_eval": False, "trainer.plots": False}
+    run(make_cfg(task, tmp_path / "a", **over), tiny)
+
+    def bomb(trainer, step, metrics):
+        if step == 3:  # step 3 completed (metrics written), last checkpoint: step 2
+            raise Boom
+
+    cfg_b = make_cfg(task, tmp_path / "b", **over)
+    with pytest.raises(Boom):
+        run(cfg_b, tiny, callbacks=[bomb])
+    assert CheckpointManager(tmp_path / "b" / "checkpoints").latest().name == "step_00000002"
+    with pytest.raises(ConfigError, match="--resume"):
+        run(cfg_b, tiny)  # never silently restarts over an existing run
+    run(cfg_b, tiny, resume=True)
+
+    a = CheckpointManager(tmp_path / "a" / "checkpoints").load()
+    b = CheckpointManager(tmp_path / "b" / "checkpoints").load()
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    for (k, v), (k2, v2) in zip(a["predictor"].state_dict().items(),
+                                b["predictor"].state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key]))
+    ra, rb = metrics_rows(tmp_path / "a"), metrics_rows(tmp_path / "b")
+    assert [r["step"] for r in rb if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["reward/mean"] for r in ra if r["kind"] == "train"] == \
+        [r["reward/mean"] for r in rb if r["kind"] == "train"]
+    assert [r["step"] for r in rb if r["kind"] == "val"] == [0, 3, 6]
+
+
+def test_disable_sae_runs_the_same_loop_unsteered_and_labelled(tiny, task, tmp_path):
+    over = {"trainer.total_steps": 2, "trainer.plots": False}
+    steered = run(make_cfg(task, tmp_path / "s", **over), tiny)
+    off = run(make_cfg(task, tmp_path / "u", **{**over, "sae.enable": False}), tiny)
+    assert off["run_mode"] == UNSTEERED_LABEL
+    assert "DISABLED" in off["table"] and UNSTEERED_LABEL in off["table"]
+    assert set(off["validation"]) == {"unsteered"}
+    # the unsteered validation equals the steered run's unsteered baseline
+    assert off["validation"]["unsteered"]["mean"] == steered["validation"]["unsteered"]["mean"]
+    rows_on = [r for r in metrics_rows(tmp_path / "s") if r["kind"] == "train"]
+    rows_off = [r for r in metrics_rows(tmp_path / "u") if r["kind"] == "train"]
+    assert all(r["run_mode"] == UNSTEERED_LABEL for r in rows_off)
+    reward_keys = lambda r: {k for k in r if k.startswith(("reward/", "response_length"))}  # noqa
+    assert reward_keys(rows_on[0]) == reward_keys(rows_off[0])
+    assert "strength/mean" not in rows_off[0]
+    assert not (tmp_path / "u" / "predictor").exists()
+    # --resume works for an unsteered run too
+    run(make_cfg(task, tmp_path / "u", **{**over, "sae.enable": False,
+                                           "trainer.total_steps": 3}), tiny, resume=True)
+    assert [r["step"] for r in metrics_rows(tmp_path / "u") if r["kind"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["ppo", "reinforce"])
+def test_other_algorithms_run(tiny, task, tmp_path, name):
+    cfg = make_cfg(task, tmp_path / name, **{"algorithm.name": name, "trainer.total_steps": 2,
+                                             "trainer.final_eval": False, "trainer.plots": False,
+                                             "algorithm.entropy_coef": 0.01,
+                                             "algorithm.kl_coef": 0.05})
+    run(cfg, tiny)
+    rows = [r for r in metrics_rows(tmp_path / name) if r["kind"] == "train"]
+    assert len(rows) == 2 and all(math.isfinite(r["actor/loss"]) for r in rows)
+
+
+def test_user_errors(tiny, task, tmp_path):
+    # SAE whose d_in does not match the LLM
+    small = save_sae(random_sae(64, 128, seed=1), tmp_path / "small_sae")
+    with pytest.raises(SAELoadError, match="d_in=64 but the model's hidden size is 128"):
+        run(make_cfg(task, tmp_path / "e1", **{"sae.model_path": str(small)}), tiny)
+    with pytest.raises(ConfigError, match="sae.hidden_size=4096"):
+        run(make_cfg(task, tmp_path / "e2", **{"sae.hidden_size": 4096}), tiny)
+    with pytest.raises(ConfigError, match="out of range"):
+        run(make_cfg(task, tmp_path / "e3", **{"sae.selected_features": [100000]}), tiny)
+    with pytest.raises(R.RewardError, match="unknown reward function 'bleu'"):
+        run(make_cfg(task, tmp_path / "e4", **{"reward.name": "bleu"}), tiny)
+    with pytest.raises(DataError, match="does not exist"):
+        run(make_cfg(task, tmp_path / "e5", **{"data.train_files": [str(tmp_path / "x.jsonl")]}),
+            tiny)
+    with pytest.raises(ConfigError, match="min_strength=5.0 > max_strength=-5.0"):
+        make_cfg(task, tmp_path / "e6", **{"sae.min_strength": 5.0, "sae.max_strength": -5.0})
+    with pytest.raises(ConfigError, match="num_features=2"):
+        make_cfg(task, tmp_path / "e7", **{"sae.num_features": 2})
+    with pytest.raises(CheckpointError, match="no predictor"):
+        out = tmp_path / "e8"
+        run(make_cfg(task, out, **{"sae.enable": False, "trainer.total_steps": 1,
+                                   "trainer.plots": False}), tiny)
+        run(make_cfg(task, out, **{"trainer.total_steps": 2}), tiny, resume=True)
+
+
+def test_mean_ci95():
+    m, ci = mean_ci95([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and math.isclose(ci, 1.96 * math.sqrt(5 / 3 / 4))
+    assert mean_ci95([2.0]) == (2.0, 0.0)
+
+
+# =========================================================================== SIGKILL
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(task, tmp_path):
+    """A real kill -9 of the CLI trainer, then --resume: the run completes with
+    every step exactly once and the same final predictor as a clean run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+    def cmd(out, resume=False):
+        cfg = make_cfg(task, out, **{"trainer.total_steps": 40, "trainer.save_every": 1,
+                                     "trainer.final_eval": False, "trainer.plots": False,
+                                     "trainer.val_before_train": False})
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(cfg.to_yaml())
+        return [sys.executable, "-m", "sae_fast.cli", "-q", "train", "--config", str(path)] + \
+            (["--resume"] if resume else [])
+
+    clean = tmp_path / "clean"
+    subprocess.run(cmd(clean), env=env, check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            latest = killed / "checkpoints" / "latest"
+            if latest.is_file() and int(latest.read_text().strip()[5:]) >= 5:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the trainer finished before it could be killed")
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    mgr = CheckpointManager(killed / "checkpoints")
+    killed_at = mgr.load()["state"]["step"]
+    assert 5 <= killed_at < 40
+    subprocess.run(cmd(killed, resume=True), env=env, check=True, capture_output=True, timeout=600)
+    a = CheckpointManager(clean / "checkpoints").load()
+    b = CheckpointManager(killed / "checkpoints").load()
+    assert a["state"]["step"] == b["state"]["step"] == 40
+    for (k, v), (_, v2) in zip(a["predictor"].state_dict().items(),
+                               b["predictor"].state_dict().items()):
+        assert torch.equal(v, v2), k
+    steps = [r["step"] for r in metrics_rows(killed) if r["kind"] == "train"]
+    assert steps == list(range(1, 41))
+
+
+# =========================================================================== vLLM rollouts
+@pytest.mark.vllm
+def test_vllm_rollout_backend_matches_hf_and_trains(tiny, task, tmp_path):
+    """rollout.backend=vllm: the same per-row steering as the HF backend
+    (greedy, token for token) and a short training run through it. Last in
+    this file: importing vLLM binds this process's threads."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
+    pytest.importorskip("vllm")
+    from sae_fast.plan import SteeringSpec
+
+    model, tok = tiny
+    cfg = make_cfg(task, tmp_path / "vllm", **{
+        "rollout.backend": "vllm", "rollout.max_prompt_length": 256,
+        "rollout.vllm_kwargs": {"enforce_eager": True}, "trainer.total_steps": 2,
+        "trainer.final_eval": False, "trainer.plots": False})
+    tr = Trainer(cfg, model=model, tokenizer=tok)
+    try:
+        tr.setup()
+        assert tr.engine.backend == "vllm"
+        prompts = ["Please write a happy story about art.", "What is 3 plus 4? Numbers: 3 4",
+                   "Tell me something kind"]
+        rows = torch.tensor([[5.0], [-5.0], [0.0]])
+        greedy = Decoding(max_new_tokens=6, do_sample=False)
+        spec = SteeringSpec(features=[task.feature], mode="add", min_strength=-5, max_strength=5)
+        with HFRolloutEngine(model, tok, load_sae(task.sae_path), spec, layers=[-1]) as hf:
+            for strengths in (rows, None):
+                assert [c.token_ids for c in tr.engine.generate(prompts, strengths, greedy)] == \
+                    [c.token_ids for c in hf.generate(prompts, strengths, greedy)]
+        tr.fit()
+    finally:
+        tr.close()
+    rows = [r for r in metrics_rows(tmp_path / "vllm") if r["kind"] == "train"]
+    assert len(rows) == 2 and all(r["steering/successes"] > 0 and r["steering/failures"] == 0
+                                  for r in rows)

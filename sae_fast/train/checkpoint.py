@@ -1,0 +1,201 @@
+"""Atomic training checkpoints.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    step_00000010/
+        predictor/predictor.safetensors + predictor_config.json
+        optimizer.pt           AdamW state (weights_only loadable)
+        trainer_state.json     step, updater state, config, ...
+        manifest.json          sha256 + size of every file above (written last)
+    latest                     name of the newest complete checkpoint
+
+A checkpoint is built in a hidden temporary folder, fsynced, then renamed into
+place (``os.replace``), and ``latest`` is rewritten through a temporary file
++ ``os.replace``: a kill at any moment leaves either the previous checkpoint
+or the new one, never a half-written one. Loading verifies the manifest and
+names the first bad file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+class CheckpointManager:
+    def __init__(self, root: os.PathLike, keep: int = 3) -> None:
+        self.root = Path(root)
+        self.keep = max(1, int(keep))
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):  # leftovers of a kill during save
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, predictor: Any, optimizer: Optional[torch.optim.Optimizer],
+             state: dict) -> Path:
+        name = f"step_{int(step):08d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-{name}-"))
+        try:
+            if predictor is not None:
+                predictor.save(tmp / "predictor")
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": int(step)},
+                                                               indent=2, default=str))
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                        for p in files}
+            for p in files:
+                _fsync_file(p)
+            (tmp / MANIFEST).write_text(json.dumps({"step": int(step), "files": manifest}, indent=2))
+            _fsync_file(tmp / MANIFEST)
+            _fsync_dir(tmp)
+            final = self.root / name
+            if final.exists():  # re-saving a step (e.g. after resuming from an older one)
+                trash = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-old-{name}-"))
+                os.replace(final, trash / name)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.root / LATEST, name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        steps = self.list()
+        for path in steps[:-self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ find / load
+    def list(self) -> list[Path]:
+        """Complete checkpoints (with a manifest), oldest first."""
+        out = []
+        for p in self.root.iterdir() if self.root.exists() else []:
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / MANIFEST).is_file():
+                out.append((int(m.group(1)), p))
+        return [p for _, p in sorted(out)]
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            path = self.root / name
+            if not STEP_DIR.match(name):
+                raise CheckpointError(f"{pointer}: names {name!r}, not a checkpoint folder")
+            if not path.is_dir():
+                raise CheckpointError(f"{pointer} names {name} but {path} does not exist")
+            return path
+        found = self.list()
+        return found[-1] if found else None
+
+    def verify(self, path: Path) -> dict:
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete")
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = manifest["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{mpath}: unreadable manifest ({err})") from err
+        for rel, meta in files.items():
+            f = path / rel
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in the manifest but missing")
+            if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+                raise CheckpointError(f"{f}: contents do not match the manifest (corrupt checkpoint)")
+        return manifest
+
+    def load(self, path: Optional[Path] = None) -> dict:
+        """Verify and read a checkpoint (default: the latest).
+
+        Returns ``{"path", "state", "predictor" (or None), "optimizer" (or None)}``."""
+        from sae_fast.predictor import PredictorError, StrengthPredictor
+
+        path = Path(path) if path is not None else self.latest()
+        if path is None:
+            raise CheckpointError(f"no checkpoint found under {self.root}")
+        self.verify(path)
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({err})") from err
+        predictor = None
+        if (path / "predictor").is_dir():
+            try:
+                predictor = StrengthPredictor.load(path / "predictor")
+            except PredictorError as err:
+                raise CheckpointError(str(err)) from err
+        optimizer = None
+        if (path / "optimizer.pt").is_file():
+            try:
+                optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise CheckpointError(f"{path / 'optimizer.pt'}: unreadable ({err})") from err
+        return {"path": path, "state": state, "predictor": predictor, "optimizer": optimizer}

@@ -1,0 +1,162 @@
+"""Training plots (matplotlib, Agg backend; files only, no display):
+
+    reward_curve.png            train reward per step + validation curves per method
+    strength_distributions.png  predicted strengths per feature, split by data_source
+    feature_activations.png     selected features' activation before vs after steering
+
+``make_all(output_dir)`` rebuilds them from ``metrics.jsonl`` and the files
+of the final evaluation (``eval/strengths.json``, ``eval/activations.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+MAX_FEATURES_PLOTTED = 16
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if not Path(path).is_file():
+        return rows
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line after a kill
+    return rows
+
+
+def plot_reward_curve(rows: list[dict], out: Path, title: str = "") -> Optional[Path]:
+    train = [r for r in rows if r.get("kind") == "train" and "reward/mean" in r]
+    val = [r for r in rows if r.get("kind") == "val"]
+    if not train and not val:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r["reward/mean"] for r in train], color="0.6", lw=1, label="train (sampled)")
+        if len(train) >= 5:
+            w = max(2, len(train) // 10)
+            sm = [sum(r["reward/mean"] for r in train[max(0, i - w + 1):i + 1]) /
+                  len(train[max(0, i - w + 1):i + 1]) for i in range(len(train))]
+            ax.plot(steps, sm, color="k", lw=1.5, label=f"train (mean of {w})")
+    methods = sorted({k.split("/")[1] for r in val for k in r if k.startswith("val/")
+                      and k.endswith("/reward_mean")})
+    for m in methods:
+        pts = [(r["step"], r[f"val/{m}/reward_mean"], r.get(f"val/{m}/reward_ci95", 0.0))
+               for r in val if f"val/{m}/reward_mean" in r]
+        if not pts:
+            continue
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=f"val: {m}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title(title or "reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_strength_distributions(data: dict, out: Path) -> Optional[Path]:
+    """``data``: {"features": [...], "strengths": [[...k] per question],
+    "groups": [label per question], "bounds": [lo, hi]}."""
+    strengths = data.get("strengths") or []
+    if not strengths:
+        return None
+    feats = data.get("features") or list(range(len(strengths[0])))
+    k = min(len(feats), MAX_FEATURES_PLOTTED)
+    groups = data.get("groups") or ["all"] * len(strengths)
+    labels = sorted(set(groups))
+    plt = _plt()
+    cols = min(k, 4)
+    rows_n = -(-k // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+    lo, hi = data.get("bounds") or (min(min(r) for r in strengths), max(max(r) for r in strengths))
+    if lo == hi:
+        lo, hi = lo - 1, hi + 1
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)]
+    for j in range(rows_n * cols):
+        ax = axes[j // cols][j % cols]
+        if j >= k:
+            ax.axis("off")
+            continue
+        for lab in labels:
+            vals = [r[j] for r, g in zip(strengths, groups) if g == lab]
+            ax.hist(vals, bins=bins, alpha=0.6, label=str(lab))
+        ax.set_title(f"feature {feats[j]}", fontsize=9)
+        ax.set_xlim(lo, hi)
+        if j == 0:
+            ax.legend(fontsize=7)
+    extra = "" if len(feats) <= k else f" (first {k} of {len(feats)} features)"
+    fig.suptitle(f"predicted strengths per feature{extra}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_feature_activations(data: dict, out: Path) -> Optional[Path]:
+    """``data``: {feature: {"before_mean", "after_mean", ...}} from SteeringStats."""
+    if not data:
+        return None
+    feats = list(data)[:MAX_FEATURES_PLOTTED]
+    before = [data[f]["before_mean"] for f in feats]
+    after = [data[f]["after_mean"] for f in feats]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(feats) + 2), 3.5))
+    xs = list(range(len(feats)))
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before steering")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after steering")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(f) for f in feats], fontsize=8)
+    ax.set_xlabel("SAE feature")
+    ax.set_ylabel("mean activation per token")
+    ax.set_title("feature activation at the steered layer\n(validation, learned strengths)", fontsize=9)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def make_all(output_dir: Any, title: str = "") -> list[Path]:
+    """Rebuild every plot that has data in ``output_dir``; returns the files."""
+    out_dir = Path(output_dir)
+    made = []
+    try:
+        p = plot_reward_curve(read_metrics(out_dir / "metrics.jsonl"), out_dir / "reward_curve.png",
+                              title)
+        made.append(p)
+        s = out_dir / "eval" / "strengths.json"
+        if s.is_file():
+            made.append(plot_strength_distributions(json.loads(s.read_text()),
+                                                    out_dir / "strength_distributions.png"))
+        a = out_dir / "eval" / "activations.json"
+        if a.is_file():
+            made.append(plot_feature_activations(json.loads(a.read_text()),
+                                                 out_dir / "feature_activations.png"))
+    except ImportError as err:
+        log.warning("plots skipped: matplotlib is not installed (%s)", err)
+    return [p for p in made if p is not None]

@@ -1,0 +1,615 @@
+"""The standalone trainer: RL on the strength predictor with a frozen LLM.
+
+One step (DESIGN "data flow of one RL step"):
+
+    questions -> embeddings (frozen LLM, no grad, cached) -> predictor ->
+    n sampled strength vectors per question -> rollout engine generates with
+    per-row strengths -> reward fn -> advantages -> PPO/GRPO/REINFORCE update
+    of the predictor only -> metrics.jsonl (+ TensorBoard) -> checkpoint
+
+Validation compares the learned predictor (deterministic mean strengths)
+with unsteered generation and random strengths (and, at the end, the best
+single constant strength). ``--disable-sae`` runs the same loop without any
+SAE or predictor, so its metrics are the unsteered baseline, labelled so.
+
+Reproducibility: batches, policy samples and the generation sampler are
+seeded from (seed, step), and checkpoints hold the predictor, the optimizer
+and the updater state, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from sae_fast.config import Config, ConfigError
+from sae_fast.train.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
+from sae_fast.train.data import BatchSchedule, Example, format_prompt, load_dataset
+from sae_fast.train.rewards import RewardFunction, reward_from_config
+from sae_fast.train.rollout import Decoding, RolloutEngine, make_engine
+
+log = logging.getLogger(__name__)
+
+UNSTEERED_LABEL = "unsteered (--disable-sae)"
+Callback = Callable[["Trainer", int, dict], None]
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and processes)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% interval."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, 1.96 * math.sqrt(var / n)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    rewards: list[float]
+    strengths: Optional[torch.Tensor] = None  # [N, k] effective strengths (None = unsteered)
+    detail: str = ""
+
+    @property
+    def mean(self) -> float:
+        return mean_ci95(self.rewards)[0]
+
+    @property
+    def ci95(self) -> float:
+        return mean_ci95(self.rewards)[1]
+
+
+def format_table(results: Sequence[MethodResult], title: str = "") -> str:
+    """A plain-text table: method | mean reward | 95% CI | n."""
+    rows = [(r.name + (f" ({r.detail})" if r.detail else ""), r.mean, r.ci95, len(r.rewards))
+            for r in results]
+    w = max([len("method")] + [len(r[0]) for r in rows])
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"{'method':<{w}}  {'mean reward':>11}  {'95% CI':>17}  {'n':>4}")
+    lines.append("-" * (w + 40))
+    for name, m, ci, n in rows:
+        lines.append(f"{name:<{w}}  {m:>11.4f}  [{m - ci:>7.4f}, {m + ci:>7.4f}]  {n:>4}")
+    return "\n".join(lines)
+
+
+class MetricsLogger:
+    """Appends JSON lines to metrics.jsonl (and TensorBoard scalars when available)."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool = True, purge_step: Optional[int] = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge_step)
+            except Exception:  # tensorboard not installed: metrics.jsonl only
+                self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows of steps after ``step`` (they are redone after a resume)."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from the kill
+            if int(row.get("step", 0)) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+            fh.flush()
+        if self.tb is not None:
+            step = int(row.get("step", 0))
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """Train the strength predictor for ``cfg`` (see module docstring).
+
+    ``model``/``tokenizer``/``sae``/``reward_fn``/``engine`` may be passed in
+    (tests, notebooks); otherwise they are loaded from the config.
+    ``callbacks`` run after every completed step (its metrics written and its
+    checkpoint, if due, saved) as ``cb(trainer, step, metrics)``."""
+
+    def __init__(self, cfg: Config, *, model: Any = None, tokenizer: Any = None, sae: Any = None,
+                 reward_fn: Optional[RewardFunction] = None, engine: Optional[RolloutEngine] = None,
+                 resume: bool = False, callbacks: Sequence[Callback] = (),
+                 train_examples: Optional[list[Example]] = None,
+                 val_examples: Optional[list[Example]] = None) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.callbacks = list(callbacks)
+        self.steer = bool(cfg.sae.enable)
+        self.run_mode = UNSTEERED_LABEL if not self.steer else \
+            "steered" if cfg.sae.enable_steering else "steering off (sae.enable_steering=false)"
+        self.out = Path(cfg.trainer.output_dir)
+        self._model, self._tokenizer, self._sae = model, tokenizer, sae
+        self._engine = engine
+        self._reward_fn = reward_fn
+        self._train_examples, self._val_examples = train_examples, val_examples
+        self.step = 0
+        self.timings: dict[str, float] = {}
+        self._setup_done = False
+
+    # ================================================================== setup
+    def setup(self) -> "Trainer":
+        if self._setup_done:
+            return self
+        cfg = self.cfg
+        torch.manual_seed(cfg.trainer.seed)
+        self._check_output_dir()
+        self.reward_fn = self._reward_fn or reward_from_config(cfg.reward)
+        self.train_examples = self._train_examples or load_dataset(
+            cfg.data.train_files, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
+            max_samples=cfg.data.max_train_samples)
+        if self._val_examples is not None:
+            self.val_examples = self._val_examples
+        elif cfg.data.val_files:
+            self.val_examples = load_dataset(cfg.data.val_files, prompt_key=cfg.data.prompt_key,
+                                             answer_key=cfg.data.answer_key,
+                                             max_samples=cfg.data.max_val_samples)
+        else:
+            log.warning("no validation data (data.val_files): validating on the training set")
+            self.val_examples = self.train_examples[:cfg.data.max_val_samples or 64]
+        self._load_model()
+        self._load_sae()
+        self.engine = self._engine or make_engine(cfg, self.model, self.tokenizer, self.sae,
+                                                  steer=self.steer)
+        from sae_fast.train.embeddings import embedder_from_config
+
+        self.embedder = embedder_from_config(self.model, self.tokenizer, cfg.embedding,
+                                             default_layer=cfg.sae.layers[0],
+                                             guard=self.engine.unsteered)
+        self.train_prompts = [format_prompt(e, self.tokenizer, cfg.data.chat_template)
+                              for e in self.train_examples]
+        self.val_prompts = [format_prompt(e, self.tokenizer, cfg.data.chat_template)
+                            for e in self.val_examples]
+        if self.steer and cfg.embedding.cache:
+            # Embed every question once, in a fixed order: later lookups are
+            # cache hits, and an embedding never depends on which other
+            # questions shared its padded batch (resumed runs match exactly).
+            with self._timed("embed"):
+                self.embedder.embed_texts(list(dict.fromkeys(self.train_prompts + self.val_prompts)))
+            log.info("embedded %d distinct questions in %.1f s", len(self.embedder._cache),
+                     self.timings.get("embed", 0.0))
+        self.schedule = BatchSchedule(len(self.train_examples), cfg.trainer.batch_size,
+                                      cfg.trainer.seed)
+        self.total_steps = cfg.trainer.total_steps if cfg.trainer.total_steps is not None else \
+            self.schedule.steps_for_epochs(cfg.trainer.total_epochs)
+        self.predictor = self.optimizer = self.updater = None
+        if self.steer:
+            from sae_fast.predictor import build_predictor
+            from sae_fast.train.rl import PolicyUpdater, make_optimizer
+
+            self.predictor = build_predictor(cfg.sae, self.embedder.dim, cfg.algorithm)
+            self.predictor.config.embedding = self.embedder.describe()
+            self.predictor.attach_embedder(self.embedder)
+            self.optimizer = make_optimizer(self.predictor, cfg.algorithm)
+            self.updater = PolicyUpdater(self.predictor, self.optimizer, cfg.algorithm)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.trainer.keep_checkpoints)
+        if self.resume:
+            self._restore()
+        self.metrics = MetricsLogger(self.out, cfg.trainer.tensorboard,
+                                     purge_step=self.step + 1 if self.resume else None)
+        if self.resume:
+            self.metrics.truncate_after(self.step)
+            self.step = max(self.step, 0)
+        atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        self._setup_done = True
+        return self
+
+    def _check_output_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpts = self.out / "checkpoints"
+        has = ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())
+        if has and not self.resume:
+            raise ConfigError(f"trainer.output_dir: {self.out} already holds checkpoints; pass "
+                              "--resume to continue that run or choose another --output-dir")
+        if not self.resume and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+
+    def _load_model(self) -> None:
+        from sae_fast.generate import load_hf
+
+        cfg = self.cfg
+        if self._model is None:
+            if not cfg.model.path:
+                raise ConfigError("model.path: the base model is not set (--base-model-path)")
+            dtype = getattr(torch, cfg.model.dtype)
+            self.model, self.tokenizer = load_hf(cfg.model.path, dtype=dtype)
+            device = cfg.model.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model.to(device)
+        else:
+            self.model, self.tokenizer = load_hf(self._model, self._tokenizer)
+        # The LLM is frozen: eval mode, no parameter requires grad.
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        from sae_fast.backends.hf import hidden_size_of
+
+        self.hidden_size = hidden_size_of(self.model)
+        hs = cfg.sae.hidden_size
+        if hs is not None and hs != self.hidden_size:
+            raise ConfigError(f"sae.hidden_size={hs} but the model {cfg.model.path or ''} has hidden "
+                              f"size {self.hidden_size}; set sae.hidden_size to match the LLM")
+
+    def _load_sae(self) -> None:
+        from sae_fast.sae import SAELoadError, load_sae
+
+        self.sae = None
+        if not self.steer:
+            return
+        src = self._sae if self._sae is not None else self.cfg.sae.model_path
+        if src is None:
+            raise ConfigError("sae.model_path: the SAE is not set (--sae-model-path), or run with "
+                              "--disable-sae")
+        device = next(self.model.parameters()).device
+        self.sae = load_sae(src, device=device)
+        self.sae.check_hidden_size(self.hidden_size)
+        if self.cfg.sae.hidden_size is not None and self.sae.d_in != self.cfg.sae.hidden_size:
+            raise SAELoadError(f"SAE {self.sae.source} has d_in={self.sae.d_in} but "
+                               f"sae.hidden_size={self.cfg.sae.hidden_size}")
+        bad = [f for f in self.cfg.sae.features if f >= self.sae.d_sae]
+        if bad:
+            raise ConfigError(f"sae: feature index {bad[0]} is out of range for SAE "
+                              f"{self.sae.source} with d_sae={self.sae.d_sae}")
+        for t in self.sae.parameters():
+            t.requires_grad_(False)
+
+    def _restore(self) -> None:
+        path = self.ckpt.latest()
+        if path is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", self.ckpt.root)
+            self.step = -1  # metrics rows of the lost attempt are dropped below, then step 0
+            return
+        ck = self.ckpt.load(path)
+        state = ck["state"]
+        if self.steer:
+            if ck["predictor"] is None:
+                raise CheckpointError(f"{path}: no predictor in this checkpoint (was it written by a "
+                                      "--disable-sae run?)")
+            if ck["predictor"].config.num_features != self.predictor.config.num_features or \
+                    ck["predictor"].config.input_dim != self.predictor.config.input_dim:
+                raise CheckpointError(f"{path}: predictor shape (input_dim, num_features) = "
+                                      f"({ck['predictor'].config.input_dim}, "
+                                      f"{ck['predictor'].config.num_features}) does not match this "
+                                      f"run's ({self.predictor.config.input_dim}, "
+                                      f"{self.predictor.config.num_features})")
+            self.predictor.load_state_dict(ck["predictor"].state_dict())
+            if ck["optimizer"] is not None:
+                self.optimizer.load_state_dict(ck["optimizer"])
+            self.updater.load_state_dict(state.get("updater", {}))
+        self.step = int(state["step"])
+        saved = state.get("config")
+        if saved is not None and saved != self.cfg.to_dict():
+            log.warning("--resume: the configuration differs from the checkpoint's; continuing "
+                        "with the new one")
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    # ================================================================== pieces
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.cfg.sae.effective_bounds()
+
+    def _decoding(self, seed: int, val: bool = False) -> Decoding:
+        r = self.cfg.rollout
+        if val:
+            return Decoding(max_new_tokens=r.max_new_tokens, do_sample=r.val_do_sample,
+                            temperature=r.val_temperature, top_p=r.top_p, top_k=r.top_k, seed=seed)
+        return Decoding(max_new_tokens=r.max_new_tokens, do_sample=r.do_sample,
+                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed)
+
+    def _score(self, examples: Sequence[Example], prompts: Sequence[str], completions) -> tuple:
+        extra = []
+        for ex, p, c in zip(examples, prompts, completions):
+            info = dict(ex.extra_info)
+            info.setdefault("prompt", p)
+            info["response_ids"] = c.token_ids
+            extra.append(info)
+        return self.reward_fn([e.data_source for e in examples], [c.text for c in completions],
+                              [e.ground_truth for e in examples], extra)
+
+    @contextlib.contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        """Add the wall time of the block to ``self.timings[key]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+    # ================================================================== one step
+    def train_step(self) -> dict:
+        """Run step ``self.step + 1``; returns its metrics."""
+        cfg = self.cfg
+        step = self.step + 1
+        n = cfg.algorithm.n_samples
+        self.timings = {}
+        t_start = time.perf_counter()
+        idx = self.schedule.batch(step - 1)
+        examples = [self.train_examples[i] for i in idx]
+        prompts = [self.train_prompts[i] for i in idx]
+        gen = torch.Generator().manual_seed(_mix(cfg.trainer.seed, step, 1))
+        batch = None
+        strengths = None
+        with self._timed("embed"):
+            emb = self.embedder.embed_texts(prompts) if self.steer else None
+        if self.steer:
+            with self._timed("predict"):
+                self.predictor.train()
+                batch = self.predictor.sample(emb, n, generator=gen)
+                strengths = batch["strengths"]
+        rep_examples = [e for e in examples for _ in range(n)]
+        rep_prompts = [p for p in prompts for _ in range(n)]
+        self.engine.reset_stats()
+        with self._timed("generate"):
+            completions = self.engine.generate(rep_prompts, strengths,
+                                               self._decoding(_mix(cfg.trainer.seed, step, 2)))
+        steer_stats = self.engine.stats_dict()
+        with self._timed("reward"):
+            rewards, extras = self._score(rep_examples, rep_prompts, completions)
+        r = torch.tensor(rewards, dtype=torch.float32)
+        metrics: dict[str, Any] = {"kind": "train", "step": step, "run_mode": self.run_mode,
+                                   "epoch": self.schedule.epoch_of(step)}
+        if self.steer:
+            with self._timed("update"):
+                metrics.update(self.updater.update(emb, batch, r, generator=gen))
+        metrics.update({"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1
+                        else 0.0, "reward/max": float(r.max()), "reward/min": float(r.min())})
+        metrics.update({f"reward/{k}": v for k, v in extras.items()})
+        metrics["response_length/mean"] = sum(len(c.token_ids) for c in completions) / len(completions)
+        if strengths is not None:
+            metrics.update(self._strength_metrics(strengths, "strength"))
+        metrics.update({"steering/successes": steer_stats["successes"],
+                        "steering/failures": steer_stats["failures"],
+                        "steering/steered_rows": steer_stats["steered_rows"]})
+        if steer_stats.get("steer_time_s"):
+            self.timings["steer"] = float(steer_stats["steer_time_s"])  # inside generate
+        self.timings["step"] = time.perf_counter() - t_start
+        metrics.update({f"timing/{k}_s": v for k, v in self.timings.items()})
+        self.step = step
+        return metrics
+
+    def _strength_metrics(self, s: torch.Tensor, prefix: str) -> dict:
+        s = s.detach().float()
+        out = {f"{prefix}/mean": float(s.mean()), f"{prefix}/std": float(s.std()) if s.numel() > 1
+               else 0.0, f"{prefix}/min": float(s.min()), f"{prefix}/max": float(s.max())}
+        feats = self.cfg.sae.features
+        if len(feats) <= 16:
+            for j, f in enumerate(feats):
+                out[f"{prefix}/f{f}_mean"] = float(s[:, j].mean())
+        return out
+
+    # ================================================================== validation
+    def _val_embeddings(self) -> torch.Tensor:
+        return self.embedder.embed_texts(self.val_prompts)
+
+    def learned_strengths(self, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+        prompts = self.val_prompts if prompts is None else list(prompts)
+        with torch.no_grad():
+            return self.predictor.mean_strengths(self.embedder.embed_texts(prompts)).detach()
+
+    def random_strengths(self, n: int, seed_salt: int = 3) -> torch.Tensor:
+        lo, hi = self.bounds
+        g = torch.Generator().manual_seed(_mix(self.cfg.trainer.seed, seed_salt))
+        return lo + (hi - lo) * torch.rand(n, len(self.cfg.sae.features), generator=g)
+
+    def run_method(self, name: str, strengths: Optional[torch.Tensor], detail: str = "",
+                   examples: Optional[Sequence[Example]] = None,
+                   prompts: Optional[Sequence[str]] = None) -> MethodResult:
+        examples = self.val_examples if examples is None else examples
+        prompts = self.val_prompts if prompts is None else prompts
+        # The same sampler seed for every method: differences come from steering.
+        completions = self.engine.generate(list(prompts), strengths,
+                                           self._decoding(_mix(self.cfg.trainer.seed, 5), val=True))
+        rewards, _ = self._score(examples, prompts, completions)
+        return MethodResult(name=name, rewards=rewards, strengths=strengths, detail=detail)
+
+    def validate(self, methods: Sequence[str] = ("learned", "unsteered", "random")) -> dict:
+        """Validation rewards per method; logged as val/<method>/reward_mean."""
+        results: dict[str, MethodResult] = {}
+        n = len(self.val_examples)
+        for m in methods:
+            if m == "unsteered":
+                results[m] = self.run_method(UNSTEERED_LABEL if not self.steer else "unsteered", None)
+            elif not self.steer:
+                continue
+            elif m == "learned":
+                results[m] = self.run_method("learned predictor", self.learned_strengths())
+            elif m == "random":
+                lo, hi = self.bounds
+                results[m] = self.run_method("random strengths", self.random_strengths(n),
+                                             detail=f"uniform [{lo:g}, {hi:g}]")
+            elif m == "configured" and self.cfg.sae.fixed_strengths() is not None:
+                fixed = torch.tensor(self.cfg.sae.fixed_strengths())
+                results[m] = self.run_method("configured strengths", fixed.expand(n, -1).clone(),
+                                             detail=str(self.cfg.sae.strengths))
+        return results
+
+    def constant_grid(self) -> list[float]:
+        if self.cfg.trainer.val_constant_grid is not None:
+            return list(self.cfg.trainer.val_constant_grid)
+        lo, hi = self.bounds
+        return [lo + (hi - lo) * i / 4 for i in range(5)]
+
+    def best_constant(self) -> MethodResult:
+        """The best single constant strength (same on every feature), chosen on
+        the validation set itself: an optimistic baseline."""
+        n = len(self.val_examples)
+        k = len(self.cfg.sae.features)
+        best: Optional[MethodResult] = None
+        for c in self.constant_grid():
+            res = self.run_method("best constant strength", torch.full((n, k), float(c)),
+                                  detail=f"s={c:g}")
+            if best is None or res.mean > best.mean:
+                best = res
+        return best
+
+    def _log_val(self, results: dict[str, MethodResult]) -> dict:
+        row: dict[str, Any] = {"kind": "val", "step": self.step, "run_mode": self.run_mode}
+        for key, res in results.items():
+            tag = "unsteered" if key == "unsteered" else key
+            row[f"val/{tag}/reward_mean"] = res.mean
+            row[f"val/{tag}/reward_ci95"] = res.ci95
+            if res.strengths is not None and key == "learned":
+                row.update(self._strength_metrics(res.strengths, "val/learned/strength"))
+        self.metrics.log(row)
+        return row
+
+    # ================================================================== loop
+    def _save_checkpoint(self) -> None:
+        state = {"updater": self.updater.state_dict() if self.updater else {},
+                 "config": self.cfg.to_dict(), "run_mode": self.run_mode,
+                 "total_steps": self.total_steps, "time": time.time()}
+        self.ckpt.save(self.step, self.predictor, self.optimizer, state)
+
+    def fit(self) -> dict:
+        """Train to ``total_steps`` (continuing after a resume); returns a summary."""
+        from tqdm.auto import tqdm
+
+        self.setup()
+        cfg = self.cfg.trainer
+        log.info("run mode: %s; %d steps, %d questions per step, %d samples per question",
+                 self.run_mode, self.total_steps, cfg.batch_size, self.cfg.algorithm.n_samples)
+        if not self.steer:
+            log.warning("SAE steering DISABLED (--disable-sae): rollouts run the plain LLM; the "
+                        "metrics are the unsteered baseline")
+        if cfg.val_before_train and self.step == 0:
+            self._log_val(self.validate())
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress_bar,
+                   desc="sae-fast train" + ("" if self.steer else " [SAE DISABLED]"),
+                   dynamic_ncols=True)
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.metrics.log(metrics)
+                post = {"reward": f"{metrics['reward/mean']:.3f}"}
+                if "strength/mean" in metrics:
+                    post.update(s_mean=f"{metrics['strength/mean']:.2f}",
+                                s_std=f"{metrics['strength/std']:.2f}")
+                bar.set_postfix(post)
+                bar.update(1)
+                if cfg.val_every and self.step % cfg.val_every == 0 and self.step < self.total_steps:
+                    row = self._log_val(self.validate())
+                    bar.write(self._val_line(row))
+                if cfg.save_every and (self.step % cfg.save_every == 0 or
+                                       self.step == self.total_steps):
+                    self._save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, self.step, metrics)
+        finally:
+            bar.close()
+        return self.finish()
+
+    def _val_line(self, row: dict) -> str:
+        parts = [f"step {row['step']}"]
+        for k, v in row.items():
+            if k.endswith("/reward_mean"):
+                parts.append(f"{k.split('/')[1]}={v:.3f}")
+        return "validation: " + " ".join(parts)
+
+    def finish(self) -> dict:
+        """Final validation (+ best constant), plots, the trained predictor."""
+        cfg = self.cfg.trainer
+        summary: dict[str, Any] = {"run_mode": self.run_mode, "steps": self.step,
+                                   "output_dir": str(self.out)}
+        if cfg.save_every == 0 or not self.ckpt.list() or \
+                self.ckpt.latest().name != f"step_{self.step:08d}":
+            self._save_checkpoint()
+        final = self.validate()
+        if cfg.final_eval and self.steer:
+            final["best_constant"] = self.best_constant()
+        self._log_val(final)
+        order = ["unsteered", "random", "best_constant", "configured", "learned"]
+        results = [final[k] for k in order if k in final]
+        title = "final validation" + (
+            "" if self.steer else f" -- SAE steering DISABLED ({UNSTEERED_LABEL})")
+        summary["table"] = format_table(results, title)
+        summary["validation"] = {k: {"name": v.name, "detail": v.detail, "mean": v.mean,
+                                     "ci95": v.ci95, "n": len(v.rewards)} for k, v in final.items()}
+        if self.steer:
+            self.predictor.save(self.out / "predictor")
+            self._write_eval_files(final)
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, default=float))
+        if cfg.plots:
+            from sae_fast.train.plots import make_all
+
+            summary["plots"] = [str(p) for p in make_all(self.out, title=self.run_mode)]
+        self.metrics.close()
+        return summary
+
+    def _write_eval_files(self, final: dict) -> None:
+        ev = self.out / "eval"
+        ev.mkdir(exist_ok=True)
+        learned = final["learned"].strengths
+        data = {"features": self.cfg.sae.features, "bounds": list(self.bounds),
+                "groups": [e.data_source for e in self.val_examples],
+                "strengths": learned.tolist(),
+                "rewards": final["learned"].rewards}
+        atomic_write_text(ev / "strengths.json", json.dumps(data))
+        if self.cfg.trainer.record_activations:
+            self.engine.reset_stats()
+            self.engine.set_record_activations(True)
+            try:
+                self.run_method("learned predictor", learned)
+            finally:
+                self.engine.set_record_activations(False)
+            feats = self.engine.stats_dict().get("features", {})
+            atomic_write_text(ev / "activations.json", json.dumps({str(k): v for k, v in feats.items()}))
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach the steering hooks (of an engine this trainer built)."""
+        if getattr(self, "engine", None) is not None and self._engine is None:
+            self.engine.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+
+
+def train(cfg: Config, **kw: Any) -> dict:
+    """Build a Trainer, fit, close; returns the summary."""
+    trainer = Trainer(cfg, **kw)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
