@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv build test test-slow demo bench cuda-check clean
+.PHONY: venv build test test-slow demo demo-smollm2 bench cuda-check clean
 
 venv: $(STAMP)
 
@@ -37,7 +37,11 @@ test: build
 test-slow: build
 	$(PY) -m pytest python_tests -m "slow and not cuda" -q --timeout=1800 $(PYTEST_ARGS)
 
+# The tiny-model demo until the SmolLM2 demo (issue 7) is verified end to end.
 demo: build
+	$(VENV)/bin/sae-fast demo --tiny
+
+demo-smollm2: build
 	$(VENV)/bin/sae-fast demo
 
 bench: build

@@ -296,7 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "trainer.output_dir": str(out / "run"), "trainer.progress_bar": not args.no_progress,
     })
     cfg = load_config(None, overrides=args.set, values=values)
-    summary = train(cfg)
+    summary = train(cfg, resume=args.resume)
     print()
     print(summary["table"])
     print(f"\n(best constant = the best of {cfg.trainer.val_constant_grid} chosen on the validation "
@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None,
                    help="training steps (default: 30 for SmolLM2, 40 with --tiny)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="SmolLM2 demo only")
+    d.add_argument("--resume", action="store_true",
+                   help="SmolLM2 demo: continue from the latest checkpoint in --output-dir")
     d.add_argument("--threads", type=int, default=1,
                    help="torch threads for the SmolLM2 demo (0 = torch's default)")
     d.add_argument("--seed", type=int, default=0)
