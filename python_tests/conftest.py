@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # Triton kernels run on CPU tensors only through its interpreter, which is
@@ -10,3 +11,14 @@ import torch
 # compiled kernels natively.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch intra-op thread for a test module: tiny models run fastest on
+    one thread, and on a loaded 2-core machine two threads spin against each
+    other (one tiny-Llama generate: 0.3 s on 1 thread, 4-18 s on 2)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,14 +12,8 @@ from sae_fast.predictor import (PredictorConfig, PredictorError, StrengthPredict
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run fastest on one thread, and on this shared 2-core machine
-    # two intra-op threads under load spin against each other (measured: one
-    # generate call of the tiny Llama 0.3 s with 1 thread, 4-18 s with 2).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Tiny models on one intra-op thread (see conftest.one_thread_module)."""
 
 
 def _pred(**kw):
