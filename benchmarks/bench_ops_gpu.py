@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ PREFILL_T = (4096,)
 KS = (8, 64)
 CASES = [(T, k) for T in DECODE_T + PREFILL_T for k in KS]
 CANDIDATES = ("cuda_fused", "triton", "reference", "floor_add")
+# The fused CUDA kernel with its rows-per-block forced (the default picks by
+# batch size and shared-memory occupancy), for the larger batches only.
+RB_SWEEP = ("cuda_rb1", "cuda_rb4", "cuda_rb8")
+RB_SWEEP_MIN_T = 256
 
 
 # ------------------------------------------------------------------ timing
@@ -143,6 +148,22 @@ def candidate_fn(name: str, case: dict, triton_ns=None) -> Optional[Callable[[],
         if not _has_cuda_ext():
             return None
         return lambda: torch.ops.sae_fast.steer_(**case)
+    if name.startswith("cuda_rb"):
+        if not _has_cuda_ext():
+            return None
+        rb = name[len("cuda_rb"):]
+
+        def forced() -> None:  # the plan is made on the host, i.e. at capture time
+            old = os.environ.get("SAE_FAST_CUDA_ROWS_PER_BLOCK")
+            os.environ["SAE_FAST_CUDA_ROWS_PER_BLOCK"] = rb
+            try:
+                torch.ops.sae_fast.steer_(**case)
+            finally:
+                if old is None:
+                    os.environ.pop("SAE_FAST_CUDA_ROWS_PER_BLOCK", None)
+                else:
+                    os.environ["SAE_FAST_CUDA_ROWS_PER_BLOCK"] = old
+        return forced
     if name == "triton":
         if triton_ns is None:
             return None
@@ -206,7 +227,7 @@ def run_all(quick: bool = False) -> dict:
     results, errors = [], []
     for T, k in CASES:
         case = make_case(T, k)
-        for name in CANDIDATES:
+        for name in CANDIDATES + (RB_SWEEP if T >= RB_SWEEP_MIN_T else ()):
             try:
                 rec = measure(name, T, k, case, triton_ns, **timing_kw)
             except Exception as err:  # record and go on: one broken path must not hide the rest
@@ -260,6 +281,16 @@ def markdown_table(data: Optional[dict], stages: Optional[list[tuple[str, str, s
                      f"{_fmt(us['reference'], 2)} | {_fmt(us['floor_add'], 2)} | "
                      f"{ratio(us['reference'], f)} | {ratio(us['triton'], f)} | "
                      f"{ratio(f, us['floor_add'])} | {_fmt(gbps, 0)} |")
+    sweep = [(T, k) for (T, k) in sorted(by) if any(c in by[(T, k)] for c in RB_SWEEP)]
+    if sweep:
+        lines += ["", "fused CUDA with rows per block forced (us):", "",
+                  "| T | k | default | " + " | ".join(c.replace("cuda_", "") for c in RB_SWEEP) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(RB_SWEEP)]
+        for (T, k) in sweep:
+            row = by[(T, k)]
+            cells = [_fmt(row[c]["us_median"], 2) if c in row else "-"
+                     for c in ("cuda_fused",) + RB_SWEEP]
+            lines.append(f"| {T} | {k} | " + " | ".join(cells) + " |")
     for e in data.get("errors", []):
         lines.append(f"\nERROR {e['group']} {e['candidate']}: {e['error']}")
     return "\n".join(lines)

@@ -130,9 +130,14 @@ def test_train_step_breakdown(benchmark, tmp_path):
     benchmark.extra_info.update({f"{k}_share": v / step for k, v in out.items() if k != "step"})
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
     import tempfile
 
+    ap = argparse.ArgumentParser(description="predictor cost table (no pytest)")
+    ap.add_argument("--skip-train-step", action="store_true",
+                    help="only the prediction table (no tiny-Llama training steps)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"1 thread; predictor hidden {HIDDEN}, {LAYERS} layers, {FEATURES} features")
@@ -156,6 +161,8 @@ def main() -> None:
             mb_ok = "within" if mb <= BUDGET_MB[1] else "over"
             print(f"| {device} | {model} ({d}) | {batch} | {mb:.1f} | {res['mean']:.2f} | "
                   f"{res['sample']:.2f} | time {ms_ok} 5 ms, size {mb_ok} 50 MB |")
+    if args.skip_train_step:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         br = train_step_breakdown(tmp)
     step = br["step"]

@@ -15,6 +15,7 @@
 #   bench        benchmarks/bench_ops_gpu.py --json OUTDIR/bench_ops_gpu.json
 #   tests_triton python_tests/test_ops_triton.py (compiled Triton, no interpreter)
 #   racecheck    compute-sanitizer racecheck (shared-memory hazards), one case
+#   predictor    benchmarks/bench_predictor.py --skip-train-step (CPU and CUDA rows)
 # and prints a markdown table last (also OUTDIR/summary.md). Exit status: 0
 # when every stage that ran passed.
 #
@@ -95,7 +96,11 @@ stage() {
 
 # pytest without the repo's addopts (which name pytest-benchmark options that
 # may not be installed here).
+# pytest-xdist (when there) runs the tests in 4 processes: Triton compiles are
+# CPU-bound, and a worker that crashes is replaced, so one native fault fails
+# one test instead of ending the stage.
 export PYTEST_ARGS="-q -ra -o addopts= -p no:cacheprovider"
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS="$PYTEST_ARGS -n 4"; fi
 
 # ------------------------------------------------------------------ stages
 build_with_cmake() {
@@ -121,7 +126,7 @@ root = sys.argv[1]
 ext = CUDAExtension(
     "sae_fast._C",
     [f"{root}/csrc/torch_bindings.cpp", f"{root}/csrc/cpu/steer_cpu.cpp",
-     f"{root}/csrc/cuda/steer_cuda.cu"],
+     f"{root}/csrc/cuda/steer_cuda_host.cpp", f"{root}/csrc/cuda/steer_cuda.cu"],
     include_dirs=[f"{root}/csrc"],
     define_macros=[("SAE_FAST_WITH_CUDA", None)],
     extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
@@ -256,7 +261,11 @@ bench_stage() {
   "$PY" "$ROOT/benchmarks/bench_ops_gpu.py" --json "$OUT/bench_ops_gpu.json" $quick
 }
 
-export -f build_with_cmake build_with_cpp_extension build_stage tests_cuda_stage tests_triton_stage memcheck_stage racecheck_stage bench_stage
+predictor_stage() {
+  "$PY" "$ROOT/benchmarks/bench_predictor.py" --skip-train-step
+}
+
+export -f predictor_stage build_with_cmake build_with_cpp_extension build_stage tests_cuda_stage tests_triton_stage memcheck_stage racecheck_stage bench_stage
 export BUDGET_S
 
 {
@@ -272,14 +281,16 @@ if grep -q $'^build\tok' "$STAGES_TSV"; then
   stage tests_cuda 150 30 tests_cuda_stage
   stage memcheck 120 40 memcheck_stage
   stage bench 150 40 bench_stage
-  stage tests_triton 120 40 tests_triton_stage
+  stage tests_triton 200 40 tests_triton_stage
   stage racecheck 90 40 racecheck_stage
+  stage predictor 60 20 predictor_stage
 else
   echo "build failed: skipping the stages that need the extension"
   for s in tests_cuda memcheck bench racecheck; do
     printf '%s\t%s\t%s\n' "$s" "skipped (no build)" 0 >>"$STAGES_TSV"
   done
   stage tests_triton 120 40 tests_triton_stage
+  stage predictor 60 20 predictor_stage
 fi
 
 echo
@@ -290,4 +301,9 @@ if ! "$PY" "$ROOT/benchmarks/bench_ops_gpu.py" --table "$OUT/bench_ops_gpu.json"
   echo "(table printer failed; stage statuses:)"
   cat "$STAGES_TSV"
 fi
+if [[ -f "$OUT/predictor.log" ]]; then
+  echo; echo "### predictor (bench_predictor.py, 1 CPU thread)"; grep '^|' "$OUT/predictor.log" || true
+fi | tee -a "$OUT/summary.md"
+# Everything in one archive as well (the device tool brings back at most 8 files).
+tar czf "$OUT/logs.tar.gz" -C "$OUT" --exclude logs.tar.gz . 2>/dev/null || true
 exit "$FAILED"

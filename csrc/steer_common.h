@@ -5,14 +5,9 @@
 
 #include <torch/all.h>
 
+#include "steer_codes.h"
+
 namespace sae_fast {
-
-enum Mode : int8_t { kOff = 0, kAdd = 1, kSet = 2, kScale = 3, kAblate = 4 };
-enum Activation : int64_t { kThresholdRelu = 0, kIdentity = 1, kTopK = 2 };
-
-// Features beyond this many per call use a heap buffer on the CPU path and
-// are rejected on the CUDA path (shared-memory coefficient table).
-constexpr int64_t kMaxFeaturesCuda = 4096;
 
 inline void check_row_major(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D [rows, d], got shape ", t.sizes());
@@ -120,6 +115,26 @@ inline int64_t check_steer_args(const at::Tensor& hidden, const c10::optional<at
   return k;
 }
 
+// Full argument check of clamp_direction_; returns k.
+inline int64_t check_clamp_direction_args(const at::Tensor& hidden,
+                                          const c10::optional<at::Tensor>& residual,
+                                          const at::Tensor& directions, const at::Tensor& max_act,
+                                          const at::Tensor& strengths, const at::Tensor& modes,
+                                          const at::Tensor& row_index, double min_strength,
+                                          double max_strength) {
+  check_hidden(hidden, residual);
+  check_table(hidden, directions, "directions");
+  const int64_t k = directions.size(0);
+  check_vec(max_act, "max_act", k);
+  check_same_device(hidden, max_act, "max_act");
+  check_rows(hidden, strengths, row_index, k, "strengths");
+  check_modes(hidden, modes, strengths);
+  TORCH_CHECK(min_strength <= max_strength, "min_strength (", min_strength,
+              ") must be <= max_strength (", max_strength, ")");
+  return k;
+}
+
+// Full argument check of add_vectors_; returns k.
 inline int64_t check_add_vectors_args(const at::Tensor& hidden, const at::Tensor& vectors,
                                       const at::Tensor& weights, const at::Tensor& row_index) {
   check_hidden(hidden, c10::nullopt);

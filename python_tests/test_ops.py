@@ -18,7 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def test_codes_match_cpp_header():
-    header = (Path(__file__).parents[1] / "csrc" / "steer_common.h").read_text()
+    header = (Path(__file__).parents[1] / "csrc" / "steer_codes.h").read_text()
     for name, value in [("kOff", codes.MODE_OFF), ("kAdd", codes.MODE_ADD), ("kSet", codes.MODE_SET),
                         ("kScale", codes.MODE_SCALE), ("kAblate", codes.MODE_ABLATE),
                         ("kThresholdRelu", codes.ACT_THRESHOLD_RELU),

@@ -343,14 +343,8 @@ void clamp_direction_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& re
                          const at::Tensor& strengths, const at::Tensor& modes,
                          const at::Tensor& row_index, double scale, double min_strength,
                          double max_strength) {
-  check_hidden(hidden, residual);
-  check_table(hidden, directions, "directions");
-  const int64_t k = directions.size(0);
-  check_vec(max_act, "max_act", k);
-  check_rows(hidden, strengths, row_index, k, "strengths");
-  check_modes(hidden, modes, strengths);
-  TORCH_CHECK(min_strength <= max_strength, "min_strength (", min_strength,
-              ") must be <= max_strength (", max_strength, ")");
+  const int64_t k = check_clamp_direction_args(hidden, residual, directions, max_act, strengths,
+                                               modes, row_index, min_strength, max_strength);
   if (hidden.size(0) == 0 || k == 0) return;
   if (hidden.size(0) * k >= kGemmMinWork) {
     steer_gemm(hidden, residual, directions, c10::nullopt, c10::nullopt, directions, max_act,

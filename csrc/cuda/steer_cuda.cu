@@ -34,23 +34,31 @@
 //   SAE_FAST_CUDA_CLUSTER        = 0 | 1 | 2 | 4 | 8
 //                                  0/1 disable clusters, 2/4/8 force that size
 //                                  where the device supports it (default: auto)
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+//
+// Host side: this file holds no torch code and throws nothing. Argument
+// checks, the device guard and the stream live in steer_cuda_host.cpp, which
+// calls launch_steer() (steer_cuda.h) and turns a failed LaunchResult into an
+// exception on the C++ compiler's side.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 
-#include "steer_common.h"
+#include "cuda/steer_cuda.h"
+#include "steer_codes.h"
+
+#ifndef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(cond) assert(cond)
+#endif
 
 namespace sae_fast {
 namespace {
@@ -489,53 +497,83 @@ __global__ void __launch_bounds__(kThreads) steer_kernel(const SteerParams<T> p)
 
 // ------------------------------------------------------------------ host side
 
+// Failure reporting without exceptions: the first failing CUDA call's text.
+struct Failure {
+  bool failed = false;
+  char message[512] = {0};
+};
+
+bool cuda_ok(cudaError_t err, const char* what, Failure* f) {
+  if (err == cudaSuccess) return true;
+  if (!f->failed) {
+    f->failed = true;
+    std::snprintf(f->message, sizeof(f->message), "%s failed: %s (%s)", what,
+                  cudaGetErrorString(err), cudaGetErrorName(err));
+  }
+  return false;
+}
+
 struct DeviceInfo {
   int sms = 0;
-  int smem_optin = 0;  // max dynamic + static shared memory per block (opt-in)
+  int smem_optin = 0;   // max dynamic + static shared memory per block (opt-in)
+  int smem_per_sm = 0;  // shared memory of one multiprocessor
   int major = 0;
 };
 
-const DeviceInfo& device_info(int dev) {
+bool device_info(int dev, DeviceInfo* out, Failure* f) {
   static std::mutex mu;
   static std::unordered_map<int, DeviceInfo> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
+  if (it != cache.end()) {
+    *out = it->second;
+    return true;
+  }
   DeviceInfo info;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev));
-  return cache.emplace(dev, info).first->second;
+  if (!cuda_ok(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev),
+               "cudaDeviceGetAttribute(MultiProcessorCount)", f) ||
+      !cuda_ok(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                      dev),
+               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)", f) ||
+      !cuda_ok(cudaDeviceGetAttribute(&info.smem_per_sm,
+                                      cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+               "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)", f) ||
+      !cuda_ok(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev),
+               "cudaDeviceGetAttribute(ComputeCapabilityMajor)", f))
+    return false;
+  cache.emplace(dev, info);
+  *out = info;
+  return true;
 }
-
-struct KernelInfo {
-  bool cluster_capable = false;  // the binary for this device carries the cluster code
-};
 
 // One-time per (kernel, device) setup: opt in to all the shared memory the
 // device offers (cudaFuncSetAttribute is not a stream operation, but doing it
 // once keeps it out of CUDA-graph captures after the first eager call) and
-// find out whether the kernel was compiled for sm_90+.
-const KernelInfo& kernel_setup(const void* kernel, int dev, const DeviceInfo& dinfo) {
+// find out whether the kernel was compiled for sm_90+ (cluster capable).
+bool kernel_setup(const void* kernel, int dev, const DeviceInfo& dinfo, bool* cluster_capable,
+                  Failure* f) {
   static std::mutex mu;
-  static std::unordered_map<const void*, std::unordered_map<int, KernelInfo>> cache;
+  static std::unordered_map<const void*, std::unordered_map<int, bool>> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto& per_dev = cache[kernel];
   auto it = per_dev.find(dev);
-  if (it != per_dev.end()) return it->second;
-  KernelInfo kinfo;
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int dyn_max = dinfo.smem_optin - static_cast<int>(attr.sharedSizeBytes);
-  if (dyn_max > 48 * 1024) {
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn_max));
+  if (it != per_dev.end()) {
+    *cluster_capable = it->second;
+    return true;
   }
+  cudaFuncAttributes attr;
+  if (!cuda_ok(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes", f)) return false;
+  const int dyn_max = dinfo.smem_optin - static_cast<int>(attr.sharedSizeBytes);
+  if (dyn_max > 48 * 1024 &&
+      !cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn_max),
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)", f))
+    return false;
   // ptxVersion is the virtual architecture the code was compiled for: code
   // JIT-compiled from pre-sm_90 PTX has no cluster path.
-  kinfo.cluster_capable = dinfo.major >= 9 && attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
-  return per_dev.emplace(dev, kinfo).first->second;
+  const bool capable = dinfo.major >= 9 && attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+  per_dev.emplace(dev, capable);
+  *cluster_capable = capable;
+  return true;
 }
 
 int env_int(const char* name, int fallback) {
@@ -553,8 +591,8 @@ struct Plan {
   size_t smem = 0;
 };
 
-Plan plan_launch(int64_t n_rows, int64_t d, int64_t k, int64_t nv, bool vec_ok, bool may_encode,
-                 const DeviceInfo& dinfo, bool cluster_capable) {
+bool plan_launch(int64_t n_rows, int64_t d, int64_t k, int64_t nv, bool vec_ok, bool may_encode,
+                 const DeviceInfo& dinfo, bool cluster_capable, Plan* out, Failure* f) {
   Plan plan;
   const int sms = std::max(dinfo.sms, 1);
   const int forced_rb = env_int("SAE_FAST_CUDA_ROWS_PER_BLOCK", 0);
@@ -571,11 +609,25 @@ Plan plan_launch(int64_t n_rows, int64_t d, int64_t k, int64_t nv, bool vec_ok, 
   const size_t limit = static_cast<size_t>(std::max(dinfo.smem_optin, 48 * 1024)) - 1024;
   plan.stage_x = may_encode;
   while (plan.rb > 1 && smem_bytes(plan.rb, plan.stage_x, d, k) > limit) plan.rb = plan.rb == 8 ? 4 : 1;
+  // Unforced, keep at least two blocks (16 warps) per SM: staging RB rows of a
+  // wide d in fp32 (8 x 4096 x 4 B = 128 KB) would otherwise leave one block
+  // per SM, too few loads in flight for the memory-bound sweep.
+  auto blocks_per_sm = [&](int rb) {
+    const size_t per_block = smem_bytes(rb, plan.stage_x, d, k) + 1024;  // + reserved
+    return dinfo.smem_per_sm > 0 ? static_cast<size_t>(dinfo.smem_per_sm) / per_block : size_t{2};
+  };
+  const bool rb_forced = vec_ok && (forced_rb == 1 || forced_rb == 4 || forced_rb == 8);
+  if (!rb_forced)
+    while (plan.rb > 1 && blocks_per_sm(plan.rb) < 2) plan.rb = plan.rb == 8 ? 4 : 1;
   if (smem_bytes(plan.rb, plan.stage_x, d, k) > limit) plan.stage_x = false;
   plan.smem = smem_bytes(plan.rb, plan.stage_x, d, k);
-  TORCH_CHECK(plan.smem <= limit, "sae_fast CUDA: k=", k, " features need ", plan.smem,
-              " bytes of shared memory; this device offers ", limit);
-
+  if (plan.smem > limit) {
+    f->failed = true;
+    std::snprintf(f->message, sizeof(f->message),
+                  "k=%lld features need %zu bytes of shared memory; this device offers %zu",
+                  static_cast<long long>(k), plan.smem, limit);
+    return false;
+  }
   const int forced_cs = env_int("SAE_FAST_CUDA_CLUSTER", -1);
   if (cluster_capable && forced_cs != 0 && forced_cs != 1) {
     if (forced_cs == 2 || forced_cs == 4 || forced_cs == 8) {
@@ -587,15 +639,16 @@ Plan plan_launch(int64_t n_rows, int64_t d, int64_t k, int64_t nv, bool vec_ok, 
         plan.cs *= 2;
     }
   }
-  return plan;
+  *out = plan;
+  return true;
 }
 
 std::mutex g_cluster_mu;
 bool g_cluster_broken = false;  // a cluster launch was refused once: stop trying
 
 template <typename T, int VEC, int RB>
-void launch_kernel(const SteerParams<T>& params, const Plan& plan, int64_t n_groups,
-                   cudaStream_t stream) {
+bool launch_kernel(const SteerParams<T>& params, const Plan& plan, int64_t n_groups,
+                   cudaStream_t stream, gpu::LaunchResult* res, Failure* f) {
   auto kernel = steer_kernel<T, VEC, RB>;
   SteerParams<T> prm = params;
   int cs = plan.cs;
@@ -624,8 +677,8 @@ void launch_kernel(const SteerParams<T>& params, const Plan& plan, int64_t n_gro
       // A cluster configuration the device cannot schedule is a launch-time
       // (non-sticky) error: clear it and fall back to one block per row group.
       (void)cudaGetLastError();
-      TORCH_WARN_ONCE("sae_fast CUDA: a thread-block cluster launch was refused (",
-                      cudaGetErrorString(err), "); using one block per row group from now on");
+      res->cluster_refused = true;
+      std::snprintf(res->message, sizeof(res->message), "%s", cudaGetErrorString(err));
       {
         std::lock_guard<std::mutex> lock(g_cluster_mu);
         g_cluster_broken = true;
@@ -633,23 +686,22 @@ void launch_kernel(const SteerParams<T>& params, const Plan& plan, int64_t n_gro
       cs = 1;
       continue;
     }
-    C10_CUDA_CHECK(err);
+    return cuda_ok(err, "cudaLaunchKernelEx(steer_kernel)", f);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cuda_ok(cudaGetLastError(), "steer_kernel launch", f);
 }
 
 template <typename T, int VEC>
-void launch_rb(const SteerParams<T>& params, const Plan& plan, int64_t n_rows,
-               cudaStream_t stream) {
+bool launch_rb(const SteerParams<T>& params, const Plan& plan, int64_t n_rows,
+               cudaStream_t stream, gpu::LaunchResult* res, Failure* f) {
   const int64_t n_groups = (n_rows + plan.rb - 1) / plan.rb;
   if constexpr (VEC == 1) {
-    TORCH_CHECK(plan.rb == 1, "sae_fast CUDA: internal error, scalar path with RB=", plan.rb);
-    launch_kernel<T, 1, 1>(params, plan, n_groups, stream);
+    return launch_kernel<T, 1, 1>(params, plan, n_groups, stream, res, f);  // plan.rb is 1
   } else {
     switch (plan.rb) {
-      case 1: launch_kernel<T, VEC, 1>(params, plan, n_groups, stream); break;
-      case 4: launch_kernel<T, VEC, 4>(params, plan, n_groups, stream); break;
-      default: launch_kernel<T, VEC, 8>(params, plan, n_groups, stream); break;
+      case 1: return launch_kernel<T, VEC, 1>(params, plan, n_groups, stream, res, f);
+      case 4: return launch_kernel<T, VEC, 4>(params, plan, n_groups, stream, res, f);
+      default: return launch_kernel<T, VEC, 8>(params, plan, n_groups, stream, res, f);
     }
   }
 }
@@ -674,164 +726,89 @@ inline bool aligned16(const void* p) {
 }
 
 template <typename T>
-void run(SteerParams<T> params, const at::Tensor& hidden) {
+bool run(const gpu::SteerArgs& a, gpu::LaunchResult* res, Failure* f) {
+  SteerParams<T> p{};
+  p.hidden = static_cast<T*>(a.hidden);
+  p.residual = static_cast<const T*>(a.residual);
+  p.enc_w = static_cast<const T*>(a.enc_w);
+  p.dec_w = static_cast<const T*>(a.dec_w);
+  p.enc_b = a.enc_b;
+  p.threshold = a.threshold;
+  p.max_act = a.max_act;
+  p.strengths = a.strengths;
+  p.modes = a.modes;
+  p.row_index = a.row_index;
+  p.kth = a.kth;
+  p.h_stride = a.h_stride;
+  p.r_stride = a.r_stride;
+  p.n_rows = a.n_rows;
+  p.d = a.d;
+  p.k = a.k;
+  p.R = a.R;
+  p.activation = a.activation;
+  p.idx64 = a.idx64 ? 1 : 0;
+  p.scale = a.scale;
+  p.lo = a.lo;
+  p.hi = a.hi;
+  p.cluster = 1;
+
   constexpr int kVec = 16 / sizeof(T);
-  const int64_t n_rows = params.n_rows, d = params.d, k = params.k;
-  const bool vec_ok = d % kVec == 0 && params.h_stride % kVec == 0 &&
-                      (params.residual == nullptr || params.r_stride % kVec == 0) &&
-                      aligned16(params.hidden) && aligned16(params.residual) &&
-                      aligned16(params.enc_w) && aligned16(params.dec_w);
-  const int dev = hidden.get_device();
-  const DeviceInfo& dinfo = device_info(dev);
+  const int64_t n_rows = p.n_rows, d = p.d, k = p.k;
+  const bool vec_ok = d % kVec == 0 && p.h_stride % kVec == 0 &&
+                      (p.residual == nullptr || p.r_stride % kVec == 0) &&
+                      aligned16(p.hidden) && aligned16(p.residual) && aligned16(p.enc_w) &&
+                      aligned16(p.dec_w);
+  const int dev = a.device;
+  DeviceInfo dinfo;
+  if (!device_info(dev, &dinfo, f)) return false;
   // The kernels a plan can pick all share the same properties; probe RB=1.
-  const void* probe = vec_ok ? kernel_for<T, kVec>(1) : kernel_for<T, 1>(1);
-  bool cluster_capable = kernel_setup(probe, dev, dinfo).cluster_capable;
+  bool cluster_capable = false;
+  if (!kernel_setup(vec_ok ? kernel_for<T, kVec>(1) : kernel_for<T, 1>(1), dev, dinfo,
+                    &cluster_capable, f))
+    return false;
   {
     std::lock_guard<std::mutex> lock(g_cluster_mu);
     cluster_capable = cluster_capable && !g_cluster_broken;
   }
   const int64_t nv = vec_ok ? d / kVec : d;
-  const Plan plan =
-      plan_launch(n_rows, d, k, nv, vec_ok, params.modes != nullptr, dinfo, cluster_capable);
-  params.stage_x = plan.stage_x ? 1 : 0;
-  params.cluster = plan.cs;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  Plan plan;
+  if (!plan_launch(n_rows, d, k, nv, vec_ok, p.modes != nullptr, dinfo, cluster_capable, &plan, f))
+    return false;
+  p.stage_x = plan.stage_x ? 1 : 0;
+  p.cluster = plan.cs;
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  bool unused = false;
   if (vec_ok) {
-    (void)kernel_setup(kernel_for<T, kVec>(plan.rb), dev, dinfo);
-    launch_rb<T, kVec>(params, plan, n_rows, stream);
-  } else {
-    (void)kernel_setup(kernel_for<T, 1>(plan.rb), dev, dinfo);
-    launch_rb<T, 1>(params, plan, n_rows, stream);
+    return kernel_setup(kernel_for<T, kVec>(plan.rb), dev, dinfo, &unused, f) &&
+           launch_rb<T, kVec>(p, plan, n_rows, stream, res, f);
   }
-}
-
-template <typename T>
-SteerParams<T> base_params(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
-                           const at::Tensor& strengths, const at::Tensor& row_index, int64_t k) {
-  SteerParams<T> p{};
-  p.hidden = reinterpret_cast<T*>(hidden.data_ptr());
-  p.h_stride = hidden.stride(0);
-  if (residual.has_value()) {
-    p.residual = reinterpret_cast<const T*>(residual->data_ptr());
-    p.r_stride = residual->stride(0);
-  }
-  p.strengths = strengths.data_ptr<float>();
-  p.row_index = row_index.data_ptr();
-  p.idx64 = row_index.scalar_type() == at::kLong ? 1 : 0;
-  p.n_rows = hidden.size(0);
-  p.d = hidden.size(1);
-  p.k = k;
-  p.R = strengths.size(0);
-  p.activation = kIdentity;
-  p.scale = 1.f;
-  p.lo = -INFINITY;
-  p.hi = INFINITY;
-  p.cluster = 1;
-  return p;
-}
-
-template <typename Fn>
-void dispatch_dtype(const at::Tensor& hidden, Fn&& fn) {
-  switch (hidden.scalar_type()) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "unsupported hidden dtype ", hidden.scalar_type());
-  }
-}
-
-void check_cuda_k(int64_t k) {
-  TORCH_CHECK(k <= kMaxFeaturesCuda, "the CUDA steering kernels take at most ", kMaxFeaturesCuda,
-              " features per call, got k=", k);
-}
-
-void steer_cuda(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
-                const at::Tensor& enc_w, const at::Tensor& enc_b, const at::Tensor& threshold,
-                const at::Tensor& dec_w, const at::Tensor& max_act, const at::Tensor& strengths,
-                const at::Tensor& modes, const at::Tensor& row_index,
-                const c10::optional<at::Tensor>& topk_kth, int64_t activation, double scale,
-                double min_strength, double max_strength) {
-  const int64_t k = check_steer_args(hidden, residual, enc_w, enc_b, threshold, dec_w, max_act,
-                                     strengths, modes, row_index, topk_kth, activation,
-                                     min_strength, max_strength);
-  check_cuda_k(k);
-  if (hidden.size(0) == 0 || k == 0) return;
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  dispatch_dtype(hidden, [&](auto tag) {
-    using T = decltype(tag);
-    SteerParams<T> p = base_params<T>(hidden, residual, strengths, row_index, k);
-    p.enc_w = reinterpret_cast<const T*>(enc_w.data_ptr());
-    p.dec_w = reinterpret_cast<const T*>(dec_w.data_ptr());
-    p.enc_b = enc_b.data_ptr<float>();
-    p.threshold = threshold.data_ptr<float>();
-    p.max_act = max_act.data_ptr<float>();
-    p.modes = modes.data_ptr<int8_t>();
-    p.kth = activation == kTopK ? topk_kth->data_ptr<float>() : nullptr;
-    p.activation = static_cast<int>(activation);
-    p.scale = static_cast<float>(scale);
-    p.lo = static_cast<float>(min_strength);
-    p.hi = static_cast<float>(max_strength);
-    run<T>(p, hidden);
-  });
-}
-
-void clamp_direction_cuda(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
-                          const at::Tensor& directions, const at::Tensor& max_act,
-                          const at::Tensor& strengths, const at::Tensor& modes,
-                          const at::Tensor& row_index, double scale, double min_strength,
-                          double max_strength) {
-  check_hidden(hidden, residual);
-  check_table(hidden, directions, "directions");
-  const int64_t k = directions.size(0);
-  check_vec(max_act, "max_act", k);
-  check_same_device(hidden, max_act, "max_act");
-  check_rows(hidden, strengths, row_index, k, "strengths");
-  check_modes(hidden, modes, strengths);
-  TORCH_CHECK(min_strength <= max_strength, "min_strength (", min_strength,
-              ") must be <= max_strength (", max_strength, ")");
-  check_cuda_k(k);
-  if (hidden.size(0) == 0 || k == 0) return;
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  dispatch_dtype(hidden, [&](auto tag) {
-    using T = decltype(tag);
-    SteerParams<T> p = base_params<T>(hidden, residual, strengths, row_index, k);
-    p.enc_w = reinterpret_cast<const T*>(directions.data_ptr());
-    p.dec_w = p.enc_w;
-    p.enc_b = nullptr;
-    p.threshold = nullptr;
-    p.max_act = max_act.data_ptr<float>();
-    p.modes = modes.data_ptr<int8_t>();
-    p.kth = nullptr;
-    p.activation = kIdentity;
-    p.scale = static_cast<float>(scale);
-    p.lo = static_cast<float>(min_strength);
-    p.hi = static_cast<float>(max_strength);
-    run<T>(p, hidden);
-  });
-}
-
-void add_vectors_cuda(at::Tensor& hidden, const at::Tensor& vectors, const at::Tensor& weights,
-                      const at::Tensor& row_index) {
-  const int64_t k = check_add_vectors_args(hidden, vectors, weights, row_index);
-  check_cuda_k(k);
-  if (hidden.size(0) == 0 || k == 0) return;
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  dispatch_dtype(hidden, [&](auto tag) {
-    using T = decltype(tag);
-    SteerParams<T> p = base_params<T>(hidden, c10::nullopt, weights, row_index, k);
-    p.enc_w = nullptr;
-    p.dec_w = reinterpret_cast<const T*>(vectors.data_ptr());
-    p.modes = nullptr;  // weights are the coefficients, used as given
-    run<T>(p, hidden);
-  });
+  return kernel_setup(kernel_for<T, 1>(plan.rb), dev, dinfo, &unused, f) &&
+         launch_rb<T, 1>(p, plan, n_rows, stream, res, f);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sae_fast, CUDA, m) {
-  m.impl("steer_", &steer_cuda);
-  m.impl("clamp_direction_", &clamp_direction_cuda);
-  m.impl("add_vectors_", &add_vectors_cuda);
+namespace gpu {
+
+LaunchResult launch_steer(const SteerArgs& a) {
+  LaunchResult res;
+  Failure f;
+  bool ok = false;
+  switch (a.dtype) {
+    case DType::kFloat32: ok = run<float>(a, &res, &f); break;
+    case DType::kFloat16: ok = run<c10::Half>(a, &res, &f); break;
+    case DType::kBFloat16: ok = run<c10::BFloat16>(a, &res, &f); break;
+    default:
+      f.failed = true;
+      std::snprintf(f.message, sizeof(f.message), "unknown dtype code %d", static_cast<int>(a.dtype));
+  }
+  if (!ok) {
+    res.ok = false;
+    std::snprintf(res.message, sizeof(res.message), "%s",
+                  f.failed ? f.message : "launch failed for an unknown reason");
+  }
+  return res;
 }
 
+}  // namespace gpu
 }  // namespace sae_fast

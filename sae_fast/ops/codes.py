@@ -1,5 +1,5 @@
 """Integer codes shared by every backend of the steering ops (reference,
-C++, CUDA, Triton). The C++ side mirrors these in ``csrc/steer_common.h``;
+C++, CUDA, Triton). The C++ side mirrors these in ``csrc/steer_codes.h``;
 ``python_tests/test_ops.py`` checks that the two agree."""
 
 # Per (strengths row, feature column) intervention modes. Code 0 is "off":

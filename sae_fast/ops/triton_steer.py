@@ -58,6 +58,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # while 4 warps or BLOCK_D = 128 spill. tl.dot needs every block dim >= 16.
 _NUM_WARPS = 8
 _COEF_BLOCK_D = 32
+_COEF_BLOCK_D_DECODE = 128  # T <= 16: tiles of 16 rows x 16 features
 _ADD_BLOCK_K = 16
 _ADD_BLOCK_D = 64
 
@@ -301,9 +302,14 @@ def _pow2_between(n: int, lo: int, hi: int) -> int:
 
 def _coef_blocks(T: int, k: int) -> dict:
     """Tile sizes of ``_steer_coef_kernel`` for T token rows and k features."""
-    # Few rows (decode): narrower feature tiles give more programs to spread k*d over.
-    return dict(BLOCK_T=_pow2_between(T, 16, 64),
-                BLOCK_K=_pow2_between(k, 16, 16 if T <= 16 else 32), BLOCK_D=_COEF_BLOCK_D)
+    # Few rows (decode): narrower feature tiles give more programs to spread k*d
+    # over, and a 16 x 16 tile leaves the registers for 4x wider d steps (256
+    # spills in fp32): the serial loop over d bounds a decode call (H100, T=1,
+    # d=4096: 160 us with 32-wide steps).
+    if T <= 16:
+        return dict(BLOCK_T=16, BLOCK_K=16, BLOCK_D=_COEF_BLOCK_D_DECODE)
+    return dict(BLOCK_T=_pow2_between(T, 16, 64), BLOCK_K=_pow2_between(k, 16, 32),
+                BLOCK_D=_COEF_BLOCK_D)
 
 
 def _add_blocks(T: int) -> dict:
