@@ -327,8 +327,8 @@ def _demo_tiny(args: argparse.Namespace) -> int:
     task = build_synthetic_task(out / "task", seed=args.seed)
     print("task: 'up' questions reward tokens that pushing SAE feature "
           f"{task.feature} up promotes, 'down' questions the opposite "
-          f"(probe: up-token share {task.probe['up_mass']['zero']:.2f} unsteered -> "
-          f"{task.probe['up_mass']['plus']:.2f} at +5)")
+          f"(probe: up-token share {task.evidence['up_mass']['zero']:.2f} unsteered -> "
+          f"{task.evidence['up_mass']['plus']:.2f} at +5)")
     values = task.overrides()
     values.update({
         "sae.predictor_hidden_size": 64, "sae.predictor_layers": 1,

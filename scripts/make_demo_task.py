@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.75,
                    help="steering norm as a fraction of the median residual norm")
+    p.add_argument("--words-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="reward token sets hold whole-word tokens only (no punctuation/newlines)")
+    p.add_argument("--top", type=int, default=8, help="tokens per reward set")
     p.add_argument("--n-train", type=int, default=64)
     p.add_argument("--n-val", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
     probes = []
     for c in cands:
         s = args.alpha * scale / float(sae.W_dec[c["feature"]].float().norm())
-        r = dt.probe_feature(model, tok, sae, c["feature"], layer, s, probe_prompts, seed=args.seed)
+        r = dt.probe_feature(model, tok, sae, c["feature"], layer, s, probe_prompts, seed=args.seed,
+                             words_only=args.words_only, top=args.top)
         r["candidate"] = c
         probes.append(r)
         log.info("feature %d S=%.1f effect %.3f up %s down %s", c["feature"], s, r["effect"],
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
     # final reward token sets: probe again on task-style questions (both types)
     task_prompts = [chat(q["prompt"]) for q in dt.make_questions(16, args.seed + 99, word)]
     final = dt.probe_feature(model, tok, sae, feature, layer, strength, task_prompts,
-                             seed=args.seed + 1)
+                             seed=args.seed + 1, words_only=args.words_only, top=args.top)
     spec = {"feature": feature, "layer": layer, "strength": round(strength, 3), "word": word,
             "features": [feature],
             "token_sets": {"up": final["up"], "down": final["down"]},

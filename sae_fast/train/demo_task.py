@@ -30,11 +30,13 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+
+from sae_fast.train.tasks import SteeringTask
 
 log = logging.getLogger(__name__)
 
@@ -61,35 +63,10 @@ PROBE_TEMPLATE = "Write two sentences about {topic}."
 
 
 @dataclass
-class DemoTask:
-    model_path: str
-    sae_path: str
-    train_path: str
-    val_path: str
-    feature: int
-    layer: int
-    strength: float
-    word: str
-    token_sets: dict[str, list[int]]
-    evidence: dict = field(default_factory=dict)
+class DemoTask(SteeringTask):
+    """The shipped task; ``word`` is the word the questions ask for or forbid."""
 
-    def overrides(self) -> dict[str, Any]:
-        """Config values (dotted keys) that run this task."""
-        s = float(self.strength)
-        return {
-            "model.path": self.model_path,
-            "sae.model_path": self.sae_path,
-            "sae.selected_features": [self.feature],
-            "sae.target_layer": self.layer,
-            "sae.mode": "add",
-            "sae.min_strength": -s,
-            "sae.max_strength": s,
-            "data.train_files": [self.train_path],
-            "data.val_files": [self.val_path],
-            "reward.name": "token_preference",
-            "reward.kwargs": {"token_sets": self.token_sets},
-            "trainer.val_constant_grid": [-s, -s / 2, 0.0, s / 2, s],
-        }
+    word: str = ""
 
 
 def make_questions(n: int, seed: int, word: str) -> list[dict]:
@@ -168,12 +145,17 @@ def candidate_features(model: Any, tokenizer: Any, sae: Any, feature_acts: torch
 @torch.no_grad()
 def probe_feature(model: Any, tokenizer: Any, sae: Any, feature: int, layer: int,
                   strength: float, prompts: Sequence[str], new_tokens: int = 16,
-                  top: int = 8, seed: int = 0) -> dict:
+                  top: int = 8, seed: int = 0, words_only: bool = False,
+                  add_special_tokens: bool = False) -> dict:
     """Generate with strengths 0, +S, -S (sampled, fixed seed); the tokens whose
-    frequency rises most at +S (vs -S) form the "up" set, and vice versa."""
+    frequency rises most at +S (vs -S) form the "up" set, and vice versa.
+    ``words_only``: only whole-word tokens (a leading space and 3+ letters)
+    may enter the sets, so the reward counts words, not punctuation or
+    newlines."""
     from sae_fast.backends.hf import attach
 
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True,
+                    add_special_tokens=add_special_tokens)
     vocab = len(tokenizer)
 
     def freq(st, s: Optional[float]) -> tuple[torch.Tensor, list[str]]:
@@ -193,10 +175,15 @@ def probe_feature(model: Any, tokenizer: Any, sae: Any, feature: int, layer: int
     up_score, down_score = cp - cn, cn - cp
     for t in special:
         up_score[t] = down_score[t] = float("-inf")
+    if words_only:
+        moved = torch.nonzero((cp != 0) | (cn != 0)).flatten().tolist()
+        keep = torch.zeros(vocab, dtype=torch.bool)
+        keep[[t for t in moved if _WORD.match(tokenizer.decode([t]))]] = True
+        up_score[~keep] = down_score[~keep] = float("-inf")
     up = [int(t) for t in up_score.topk(top).indices if up_score[t] > 0]
     down = [int(t) for t in down_score.topk(top).indices if down_score[t] > 0 and int(t) not in up]
     mass = lambda c, s: float(c[s].sum()) if s else 0.0  # noqa: E731
-    res = {"feature": feature, "strength": strength,
+    res = {"feature": feature, "strength": strength, "words_only": words_only,
            "up": up, "down": down,
            "up_tokens": [tokenizer.decode([t]) for t in up],
            "down_tokens": [tokenizer.decode([t]) for t in down],

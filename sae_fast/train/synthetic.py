@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
+
+from sae_fast.train.tasks import SteeringTask
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +45,8 @@ TOPICS = ["music", "art", "science", "history", "physics", "poetry", "biology", 
           "chemistry", "mathematics", "the fox", "the dog", "Paris", "France", "a robot", "rain"]
 
 
-@dataclass
-class SyntheticTask:
-    model_path: str
-    sae_path: str
-    train_path: str
-    val_path: str
-    feature: int
-    layer: int
-    token_sets: dict[str, list[int]]
-    probe: dict = field(default_factory=dict)
-
-    def overrides(self) -> dict[str, Any]:
-        """Config values (dotted keys) that run this task."""
-        return {
-            "model.path": self.model_path,
-            "sae.model_path": self.sae_path,
-            "sae.selected_features": [self.feature],
-            "sae.target_layer": self.layer,
-            "sae.mode": "add",
-            "sae.min_strength": -5.0,
-            "sae.max_strength": 5.0,
-            "data.train_files": [self.train_path],
-            "data.val_files": [self.val_path],
-            "reward.name": "token_preference",
-            "reward.kwargs": {"token_sets": self.token_sets},
-        }
+# The synthetic task is a plain SteeringTask (strength 5, evidence = the probe).
+SyntheticTask = SteeringTask
 
 
 def make_questions(n: int, seed: int) -> list[dict]:
@@ -90,39 +67,17 @@ def make_questions(n: int, seed: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
 def probe_token_sets(model: Any, tokenizer: Any, sae: Any, feature: int, layer: int,
                      strength: float = 5.0, top: int = 8, new_tokens: int = 12,
                      seed: int = 0) -> tuple[dict[str, list[int]], dict]:
-    """Tokens promoted by pushing ``feature`` up (+strength) and down (-strength)."""
-    from sae_fast.backends.hf import attach
+    """Tokens promoted by pushing ``feature`` up (+strength) and down (-strength)
+    on 32 task-style prompts (``demo_task.probe_feature``), and the probe."""
+    from sae_fast.train.demo_task import probe_feature
 
     prompts = [q["prompt"] for q in make_questions(32, seed + 1000)]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    vocab = len(tokenizer)
-
-    def freq(st, s: Optional[float]) -> torch.Tensor:
-        st.set_strengths(None if s is None else [[s]] * len(prompts))
-        torch.manual_seed(seed)
-        out = st.generate(**enc, max_new_tokens=new_tokens, do_sample=True,
-                          pad_token_id=tokenizer.pad_token_id)
-        ids = out[:, enc["input_ids"].shape[1]:].reshape(-1)
-        return torch.bincount(ids, minlength=vocab).float() / max(ids.numel(), 1)
-
-    with attach(model, sae, features=[feature], mode="add", layer=layer, max_batch=len(prompts),
-                min_strength=-abs(strength), max_strength=abs(strength)) as st:
-        c0, cp, cn = freq(st, None), freq(st, strength), freq(st, -strength)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    up_score, down_score = cp - cn, cn - cp
-    for t in special:
-        up_score[t] = down_score[t] = float("-inf")
-    up = [int(t) for t in up_score.topk(top).indices]
-    down = [int(t) for t in down_score.topk(top).indices if int(t) not in up]
-    info = {"up_mass": {"plus": float(cp[up].sum()), "zero": float(c0[up].sum()),
-                        "minus": float(cn[up].sum())},
-            "down_mass": {"plus": float(cp[down].sum()), "zero": float(c0[down].sum()),
-                          "minus": float(cn[down].sum())}}
-    return {"up": up, "down": down}, info
+    info = probe_feature(model, tokenizer, sae, feature, layer, strength, prompts,
+                         new_tokens=new_tokens, top=top, seed=seed, add_special_tokens=True)
+    return {"up": info["up"], "down": info["down"]}, info
 
 
 def build_synthetic_task(folder: Any, *, arch: str = "llama", feature: int = 3, layer: int = -1,
@@ -148,4 +103,4 @@ def build_synthetic_task(folder: Any, *, arch: str = "llama", feature: int = 3, 
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return SyntheticTask(model_path=model_path, sae_path=sae_path,
                          train_path=str(folder / "train.jsonl"), val_path=str(folder / "val.jsonl"),
-                         feature=feature, layer=layer, token_sets=token_sets, probe=info)
+                         feature=feature, layer=layer, token_sets=token_sets, evidence=info)
