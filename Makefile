@@ -25,7 +25,7 @@ $(STAMP): requirements/ci.txt constraints.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
-$(BUILT): $(STAMP) CMakeLists.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+$(BUILT): $(STAMP) CMakeLists.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)
 	SAE_FAST_REQUIRE_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -32,14 +32,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 HAS_EXT = "cpu" in ops.backend_info()["extension_devices"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _info(benchmark, T, d, k, dtype, d_sae=None):
     benchmark.extra_info.update(
         machine=platform.processor() or platform.machine(), torch=torch.__version__, threads=1,

@@ -38,14 +38,6 @@ BUDGET_MS = (1.0, 5.0)
 BUDGET_MB = (10.0, 50.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_predictor(d: int, device: str = "cpu") -> StrengthPredictor:
     torch.manual_seed(0)
     return StrengthPredictor(PredictorConfig(input_dim=d, num_features=FEATURES,

@@ -42,21 +42,7 @@ STAGES_TSV="$OUT/stages.tsv"
 FAILED=0
 
 # ------------------------------------------------------------------ helpers
-find_cuda_home() {
-  if [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then echo "$CUDA_HOME"; return; fi
-  local nvcc real d
-  nvcc="$(command -v nvcc || true)"
-  if [[ -n "$nvcc" ]]; then
-    real="$(readlink -f "$nvcc")"
-    if [[ "$(head -c 2 "$real")" == "#!" ]]; then  # a wrapper script naming the real nvcc
-      real="$(grep -o '/[^"'"'"' ]*/bin/nvcc' "$real" | head -1 || true)"
-    fi
-    if [[ -n "$real" && -x "$real" ]]; then dirname "$(dirname "$real")"; return; fi
-  fi
-  for d in /usr/local/cuda /usr/local/cuda-13* /usr/local/cuda-12*; do
-    if [[ -x "$d/bin/nvcc" ]]; then echo "$d"; return; fi
-  done
-}
+source "$ROOT/scripts/cuda_home.sh"
 CUDA_HOME="$(find_cuda_home || true)"
 export CUDA_HOME
 SANITIZER="$(command -v compute-sanitizer || true)"

@@ -17,6 +17,7 @@ Bad input prints one ``error: ...`` line naming the bad value and exits 2.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import sys
@@ -276,7 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     print("sae-fast demo: SmolLM2-135M-Instruct (converted once into the cache), the shipped "
           f"SAE and the demo task; outputs in {out}")
-    task = load_demo_task()
+    task = load_demo_task(args.sae_dir, args.data_dir)
     ev = task.evidence.get("final_probe", {})
     print(f"task: 'up' questions ask for the word {task.word!r}, 'down' questions forbid it; "
           f"reward = share of generated tokens in the 'up' set minus the 'down' set (swapped for "
@@ -400,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None,
                    help="training steps (default: 30 for SmolLM2, 40 with --tiny)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="SmolLM2 demo only")
+    d.add_argument("--sae-dir", default=None,
+                   help="SmolLM2 demo: SAE folder holding demo_task.json (default: assets/smollm2_sae)")
+    d.add_argument("--data-dir", default=None,
+                   help="SmolLM2 demo: folder of demo_{train,val}.jsonl (default: examples/data)")
     d.add_argument("--resume", action="store_true",
                    help="SmolLM2 demo: continue from the latest checkpoint in --output-dir")
     d.add_argument("--threads", type=int, default=1,
@@ -419,6 +424,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("matplotlib", "PIL", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not faulthandler.is_enabled():
+        # a native crash (segfault in torch/tokenizers/an extension) then leaves
+        # the Python stack of every thread on stderr instead of a bare exit code
+        faulthandler.enable(all_threads=True)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as err:

@@ -66,22 +66,7 @@ NINJA="$VENV/bin/ninja"
 say "venv ok (torch $TORCH_VERSION) at $(elapsed)"
 
 # ------------------------------------------------------------------ 2. toolkit
-find_cuda_home() {
-  if [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then echo "$CUDA_HOME"; return; fi
-  local nvcc real d
-  nvcc="$(command -v nvcc || true)"
-  if [[ -n "$nvcc" ]]; then
-    real="$(readlink -f "$nvcc")"
-    # A small shell wrapper (`exec /path/to/toolkit/bin/nvcc "$@"`) names the real one.
-    if [[ "$(head -c 2 "$real")" == "#!" ]]; then
-      real="$(grep -o '/[^"'"'"' ]*/bin/nvcc' "$real" | head -1 || true)"
-    fi
-    if [[ -n "$real" && -x "$real" ]]; then dirname "$(dirname "$real")"; return; fi
-  fi
-  for d in /usr/local/cuda /usr/local/cuda-13*; do
-    if [[ -x "$d/bin/nvcc" ]]; then echo "$d"; return; fi
-  done
-}
+source "$ROOT/scripts/cuda_home.sh"
 CUDA_HOME="$(find_cuda_home)"
 [[ -n "$CUDA_HOME" ]] || die "no CUDA toolkit found (set CUDA_HOME)"
 export CUDA_HOME

@@ -52,6 +52,8 @@ except Exception as err:  # ImportError, OSError (ABI mismatch), RuntimeError
 
 
 def _noop_fake(*args, **kwargs) -> None:
+    """Fake (meta) implementation of every steering op, here and in
+    triton_steer: they mutate hidden in place and return nothing."""
     return None
 
 

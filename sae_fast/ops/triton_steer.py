@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sae_fast.ops import codes
+from sae_fast.ops import _noop_fake, codes  # the ops return nothing: one no-op fake serves all
 
 NAMESPACE = "sae_fast_triton"
 
@@ -433,10 +433,6 @@ _INTERPRETED = _is_interpreted(_steer_coef_kernel)
 
 
 # ---------------------------------------------------------------- torch ops
-def _noop_fake(*args, **kwargs) -> None:
-    return None
-
-
 def _has_op(name: str) -> bool:
     try:
         getattr(getattr(torch.ops, NAMESPACE), name)
