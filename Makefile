@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv build test test-slow demo demo-smollm2 bench cuda-check clean
+.PHONY: venv build test test-slow demo demo-tiny bench cuda-check clean
 
 venv: $(STAMP)
 
@@ -37,12 +37,15 @@ test: build
 test-slow: build
 	$(PY) -m pytest python_tests -m "slow and not cuda" -q --timeout=1800 $(PYTEST_ARGS)
 
-# The tiny-model demo until the SmolLM2 demo (issue 7) is verified end to end.
+# The main job on the embedded default: SmolLM2-135M-Instruct + the shipped
+# SAE + the demo task; table on stdout, plots and checkpoints in DEMO_OUT.
+DEMO_OUT ?= sae_outputs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: build
-	$(VENV)/bin/sae-fast demo --tiny
+	$(VENV)/bin/sae-fast demo --output-dir $(DEMO_OUT)
 
-demo-smollm2: build
-	$(VENV)/bin/sae-fast demo
+# The same job on a tiny random Llama with a synthetic task (seconds).
+demo-tiny: build
+	$(VENV)/bin/sae-fast demo --tiny
 
 bench: build
 	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only \

@@ -116,3 +116,24 @@ def test_token_preference_rewards_the_wanted_direction():
     assert token_preference("demo_down", "", "down", {"response_ids": ids}, token_sets=sets) < 0
     ids = down + down
     assert token_preference("demo_down", "", "down", {"response_ids": ids}, token_sets=sets) > 0
+
+
+def test_reward_sets_hold_whole_words_the_probe_moved():
+    """The task's reward counts words (the probe ran with words_only), and the
+    probe's evidence shows steering moving them the way each set is named."""
+    from transformers import AutoTokenizer
+
+    from sae_fast.models import smollm2
+    from sae_fast.train.demo_task import _WORD
+
+    task = _task()
+    probe = task["evidence"]["final_probe"]
+    assert probe["words_only"]
+    assert probe["up"] == task["token_sets"]["up"] and probe["down"] == task["token_sets"]["down"]
+    tok = AutoTokenizer.from_pretrained(str(smollm2()))
+    for name in ("up", "down"):
+        words = [tok.decode([t]) for t in task["token_sets"][name]]
+        assert all(_WORD.match(w) for w in words), (name, words)
+    up, down = probe["up_mass"], probe["down_mass"]
+    assert up["plus"] > up["zero"] and up["plus"] > up["minus"]
+    assert down["minus"] > down["zero"] and down["minus"] > down["plus"]

@@ -53,14 +53,14 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", required=True)
     p.add_argument("--data-dir", default="examples/data")
     p.add_argument("--windows", type=int, default=48)
-    p.add_argument("--candidates", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=0.75,
+    p.add_argument("--candidates", type=int, default=6)
+    p.add_argument("--alpha", type=float, default=0.5,
                    help="steering norm as a fraction of the median residual norm")
     p.add_argument("--words-only", action=argparse.BooleanOptionalAction, default=True,
                    help="reward token sets hold whole-word tokens only (no punctuation/newlines)")
-    p.add_argument("--top", type=int, default=8, help="tokens per reward set")
+    p.add_argument("--top", type=int, default=12, help="tokens per reward set")
     p.add_argument("--n-train", type=int, default=64)
-    p.add_argument("--n-val", type=int, default=48)
+    p.add_argument("--n-val", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (2 spinning threads on a shared 2-core machine are far slower)")
@@ -107,7 +107,10 @@ def main(argv=None) -> int:
                  r["up_tokens"], r["down_tokens"])
     best = max(probes, key=lambda r: r["effect"])
     feature, strength = best["feature"], best["strength"]
-    word = next((w.strip() for w in best["up_tokens"] if dt._WORD.match(w)), best["up_tokens"][0].strip())
+    # the word the questions name: the feature's top whole word through the
+    # unembedding, else the first whole word its steering made more frequent
+    word = next((w.strip() for w in best["candidate"]["promotes"] + best["up_tokens"]
+                 if dt._WORD.match(w)), best["up_tokens"][0].strip())
     # final reward token sets: probe again on task-style questions (both types)
     task_prompts = [chat(q["prompt"]) for q in dt.make_questions(16, args.seed + 99, word)]
     final = dt.probe_feature(model, tok, sae, feature, layer, strength, task_prompts,
