@@ -43,6 +43,24 @@ def test_steer_cpu_matches_reference(dtype, T, d, k, activation):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d,k", [(40, 123, 16), (256, 576, 8)])
+def test_steer_cpu_gemm_path_with_every_row_live(dtype, T, d, k):
+    """T*k >= 512 takes the GEMM path; with no off row it adds the delta to
+    hidden in place instead of gathering and scattering the live rows."""
+    seed = zlib.crc32(f"all-live-{dtype}-{T}-{d}-{k}".encode())
+    for residual in (True, False):
+        case = random_steer_case(T, d, k, dtype=dtype, residual=residual, seed=seed,
+                                 activation=codes.ACT_TOPK)
+        case["row_index"].clamp_(min=1)  # no token on the no-op row 0
+        modes = case["modes"]
+        modes[1:][modes[1:] == codes.MODE_OFF] = codes.MODE_ADD  # every row steers something
+        out = clone_case(case)
+        torch.ops.sae_fast.steer_(**out)
+        assert_steer_close(out["hidden"], case, what=f"all live {dtype} T={T} d={d} k={k}")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_clamp_direction_cpu_matches_reference(dtype):
     g = torch.Generator().manual_seed(1)
     T, d, k, R = 9, 123, 3, 3

@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--dead-window", type=int, default=100,
+                   help="steps without firing before a feature counts as dead and the AuxK loss "
+                        "pulls it back (sae-lens's default, 1000, is longer than this whole run)")
     p.add_argument("--model", default=None, help="SmolLM2 folder (default: sae_fast.models.smollm2())")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop early (cleanly, weights folded and saved) after this much training "
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
         training_tokens=args.tokens, train_batch_size_tokens=args.batch_tokens,
         store_batch_size_prompts=store_prompts, n_batches_in_buffer=n_buf,
         n_batches_for_norm_estimate=8, lr=args.lr, lr_warm_up_steps=10,
+        dead_feature_window=args.dead_window,
         lr_decay_steps=max(1, args.tokens // args.batch_tokens // 5),
         seed=args.seed, device="cpu", dtype="float32",
         logger=LoggingConfig(log_to_wandb=False),
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
             "training_tokens": seen["samples"], "requested_tokens": args.tokens,
             "training_steps": seen["steps"], "context_size": ctx, "seqpos_slice": [4, None],
             "train_batch_size_tokens": args.batch_tokens, "lr": args.lr, "seed": args.seed,
-            "d_sae": args.d_sae, "k": args.k, "train_seconds": round(train_s, 1),
+            "d_sae": args.d_sae, "k": args.k, "dead_feature_window": args.dead_window,
+            "train_seconds": round(train_s, 1),
             "corpus": "docstrings of installed Python packages + dist-info METADATA "
                       "(scripts/build_demo_corpus.py)",
             "torch_threads": torch.get_num_threads()}

@@ -282,8 +282,8 @@ void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
   const auto idx = row_index.to(at::kLong);
   const auto m = modes.index_select(0, idx);
   const auto s = strengths.index_select(0, idx).clamp(lo, hi).mul(scale);
-  auto x = hidden.to(at::kFloat);
-  if (residual.has_value()) x = x.add(residual->to(at::kFloat));
+  const auto hf = hidden.to(at::kFloat);  // hidden itself when it is float32
+  const auto x = residual.has_value() ? hf.add(residual->to(at::kFloat)) : hf;
   auto pre = x.mm(enc_w.to(at::kFloat).t());
   if (enc_b.has_value()) pre.add_(*enc_b);
   at::Tensor f;
@@ -302,6 +302,16 @@ void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
   // Only live rows are written, so rows whose modes are all off stay
   // bit-identical (-0.0 and NaN payloads included), as on the row path.
   const auto live = m.ne(kOff).any(1).nonzero().squeeze(1);
+  if (live.size(0) == hidden.size(0)) {
+    // Every row steered (the usual prefill): no gather/scatter of hidden.
+    const auto delta = coef.mm(dec_w.to(at::kFloat));
+    if (hidden.scalar_type() == at::kFloat) {
+      hidden.add_(delta);
+    } else {
+      hidden.copy_(delta.add_(hf));  // one rounding into hidden's dtype
+    }
+    return;
+  }
   const auto rows = hidden.index_select(0, live).to(at::kFloat);
   hidden.index_copy_(0, live, rows.add_(coef.index_select(0, live).mm(dec_w.to(at::kFloat)))
                                   .to(hidden.scalar_type()));
