@@ -426,6 +426,13 @@ def test_training_beats_unsteered_random_and_best_constant(tiny, task, tmp_path)
         assert (out / name).is_file(), name
     acts = json.loads((out / "eval" / "activations.json").read_text())
     assert acts[str(task.feature)]["after_mean"] > acts[str(task.feature)]["before_mean"]
+    by = json.loads((out / "eval" / "activations_by_group.json").read_text())
+    f = str(task.feature)
+    assert set(by) == {"up", "down"}
+    assert by["up"][f]["after_mean"] > by["up"][f]["before_mean"], by
+    assert by["down"][f]["after_mean"] <= by["down"][f]["before_mean"], by
+    assert by["up"][f]["after_mean"] > by["down"][f]["after_mean"], by
+    assert acts[f]["tokens"] == by["up"][f]["tokens"] + by["down"][f]["tokens"]
     rows = metrics_rows(out)
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 21))
@@ -656,3 +663,21 @@ def test_vllm_rollout_backend_matches_hf_and_trains(tiny, task, tmp_path):
     rows = [r for r in metrics_rows(tmp_path / "vllm") if r["kind"] == "train"]
     assert len(rows) == 2 and all(r["steering/successes"] > 0 and r["steering/failures"] == 0
                                   for r in rows)
+
+
+def test_merge_activation_summaries_weights_by_tokens():
+    from sae_fast.train.trainer import merge_activation_summaries
+
+    a = {"7": {"tokens": 30, "before_mean": 1.0, "after_mean": 4.0, "after_max": 9.0,
+               "after_active_frac": 0.5}}
+    b = {"7": {"tokens": 10, "before_mean": 3.0, "after_mean": 0.0, "after_max": 2.0,
+               "after_active_frac": 0.1},
+         "8": {"tokens": 5, "before_mean": 2.0, "after_mean": 1.0, "after_max": 1.0,
+               "after_active_frac": 1.0}}
+    m = merge_activation_summaries([a, b])
+    assert m["7"]["tokens"] == 40 and m["8"]["tokens"] == 5
+    assert m["7"]["before_mean"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
+    assert m["7"]["after_mean"] == pytest.approx(3.0)
+    assert m["7"]["after_max"] == 9.0
+    assert m["7"]["after_active_frac"] == pytest.approx(0.4)
+    assert m["8"] == b["8"]

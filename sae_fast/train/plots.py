@@ -116,21 +116,28 @@ def plot_strength_distributions(data: dict, out: Path) -> Optional[Path]:
     return out
 
 
-def plot_feature_activations(data: dict, out: Path) -> Optional[Path]:
-    """``data``: {feature: {"before_mean", "after_mean", ...}} from SteeringStats."""
+def plot_feature_activations(data: dict, out: Path,
+                             by_group: Optional[dict] = None) -> Optional[Path]:
+    """``data``: {feature: {"before_mean", "after_mean", ...}} from SteeringStats;
+    ``by_group``: {data_source: such a dict}, one pair of bars per feature and
+    question type (else one pair per feature over all questions)."""
     if not data:
         return None
     feats = list(data)[:MAX_FEATURES_PLOTTED]
-    before = [data[f]["before_mean"] for f in feats]
-    after = [data[f]["after_mean"] for f in feats]
+    groups = sorted(by_group) if by_group else [None]
+    cols = [(f, g) for f in feats for g in groups
+            if g is None or f in by_group[g]]
+    src = lambda g: data if g is None else by_group[g]  # noqa: E731
+    before = [src(g)[f]["before_mean"] for f, g in cols]
+    after = [src(g)[f]["after_mean"] for f, g in cols]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(feats) + 2), 3.5))
-    xs = list(range(len(feats)))
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(cols) + 2), 3.5))
+    xs = list(range(len(cols)))
     ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before steering")
     ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after steering")
     ax.set_xticks(xs)
-    ax.set_xticklabels([str(f) for f in feats], fontsize=8)
-    ax.set_xlabel("SAE feature")
+    ax.set_xticklabels([str(f) if g is None else f"{f}\n{g}" for f, g in cols], fontsize=8)
+    ax.set_xlabel("SAE feature" + ("" if by_group is None else " / question type"))
     ax.set_ylabel("mean activation per token")
     ax.set_title("feature activation at the steered layer\n(validation, learned strengths)", fontsize=9)
     ax.axhline(0, color="k", lw=0.5)
@@ -154,9 +161,11 @@ def make_all(output_dir: Any, title: str = "") -> list[Path]:
             made.append(plot_strength_distributions(json.loads(s.read_text()),
                                                     out_dir / "strength_distributions.png"))
         a = out_dir / "eval" / "activations.json"
+        ag = out_dir / "eval" / "activations_by_group.json"
         if a.is_file():
-            made.append(plot_feature_activations(json.loads(a.read_text()),
-                                                 out_dir / "feature_activations.png"))
+            made.append(plot_feature_activations(
+                json.loads(a.read_text()), out_dir / "feature_activations.png",
+                by_group=json.loads(ag.read_text()) if ag.is_file() else None))
     except ImportError as err:
         log.warning("plots skipped: matplotlib is not installed (%s)", err)
     return [p for p in made if p is not None]

@@ -583,14 +583,24 @@ class Trainer:
                 "rewards": final["learned"].rewards}
         atomic_write_text(ev / "strengths.json", json.dumps(data))
         if self.cfg.trainer.record_activations:
-            self.engine.reset_stats()
+            # One pass per question type (data_source): a predictor that pushes
+            # one type up and another down would average out in a single mean.
+            by_group: dict[str, dict] = {}
             self.engine.set_record_activations(True)
             try:
-                self.run_method("learned predictor", learned)
+                for g in sorted({e.data_source for e in self.val_examples}):
+                    idx = [i for i, e in enumerate(self.val_examples) if e.data_source == g]
+                    self.engine.reset_stats()
+                    self.run_method("learned predictor", learned[idx],
+                                    examples=[self.val_examples[i] for i in idx],
+                                    prompts=[self.val_prompts[i] for i in idx])
+                    feats = self.engine.stats_dict().get("features", {})
+                    by_group[g] = {str(k): v for k, v in feats.items()}
             finally:
                 self.engine.set_record_activations(False)
-            feats = self.engine.stats_dict().get("features", {})
-            atomic_write_text(ev / "activations.json", json.dumps({str(k): v for k, v in feats.items()}))
+            atomic_write_text(ev / "activations.json",
+                              json.dumps(merge_activation_summaries(list(by_group.values()))))
+            atomic_write_text(ev / "activations_by_group.json", json.dumps(by_group))
 
     def __enter__(self) -> "Trainer":
         return self
@@ -604,6 +614,25 @@ class Trainer:
             self.engine.close()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+
+
+def merge_activation_summaries(parts: Sequence[dict]) -> dict:
+    """Token-weighted merge of per-feature activation summaries
+    (SteeringStats ``features`` entries) from disjoint sets of questions."""
+    out: dict[str, dict] = {}
+    for part in parts:
+        for f, v in part.items():
+            acc = out.setdefault(f, {"tokens": 0})
+            n0, n = acc["tokens"], v["tokens"]
+            for key, val in v.items():
+                if key == "tokens":
+                    continue
+                if key.endswith("_max"):
+                    acc[key] = max(acc.get(key, float("-inf")), val)
+                else:  # means and active fractions: weighted by tokens
+                    acc[key] = (acc.get(key, 0.0) * n0 + val * n) / max(n0 + n, 1)
+            acc["tokens"] = n0 + n
+    return out
 
 
 def train(cfg: Config, **kw: Any) -> dict:
