@@ -271,6 +271,37 @@ void check_rows_and_modes_values(const at::Tensor& row_index, const at::Tensor* 
   }
 }
 
+// Rows of hidden the GEMM paths touch: those whose mask row has any entry set
+// (an unsteered batch returns before any arithmetic). `all` spares the
+// gathers and the scatter when every row is live (the usual prefill).
+struct LiveRows {
+  at::Tensor index;  // [n_live] int64
+  bool all = false;
+  int64_t size() const { return index.size(0); }
+  at::Tensor pick(const at::Tensor& t) const { return all ? t : t.index_select(0, index); }
+};
+
+LiveRows live_rows(const at::Tensor& any_mask) {
+  LiveRows live;
+  live.index = any_mask.nonzero().squeeze(1);
+  live.all = live.size() == any_mask.size(0);
+  return live;
+}
+
+// hidden[live] += delta ([n_live, d] fp32) with one rounding; hf_live = the
+// live rows of hidden in fp32 (hidden itself when float32 and all rows live).
+// Rows outside `live` are never written: bit-identical, -0.0 and NaN included.
+void add_live_delta(at::Tensor& hidden, const LiveRows& live, const at::Tensor& hf_live,
+                    at::Tensor delta) {
+  if (live.all && hidden.scalar_type() == at::kFloat) {
+    hidden.add_(delta);
+  } else if (live.all) {
+    hidden.copy_(delta.add_(hf_live));
+  } else {
+    hidden.index_copy_(0, live.index, delta.add_(hf_live).to(hidden.scalar_type()));
+  }
+}
+
 void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                 const at::Tensor& enc_w, const c10::optional<at::Tensor>& enc_b,
                 const c10::optional<at::Tensor>& threshold, const at::Tensor& dec_w,
@@ -279,11 +310,14 @@ void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                 int64_t activation, double scale, double lo, double hi) {
   check_rows_and_modes_values(row_index, &modes, strengths.size(0));
   at::NoGradGuard no_grad;
-  const auto idx = row_index.to(at::kLong);
+  const auto idx_all = row_index.to(at::kLong);
+  const LiveRows live = live_rows(modes.ne(kOff).any(1).index_select(0, idx_all));
+  if (live.size() == 0) return;
+  const auto idx = live.pick(idx_all);
   const auto m = modes.index_select(0, idx);
   const auto s = strengths.index_select(0, idx).clamp(lo, hi).mul(scale);
-  const auto hf = hidden.to(at::kFloat);  // hidden itself when it is float32
-  const auto x = residual.has_value() ? hf.add(residual->to(at::kFloat)) : hf;
+  const auto hf = live.pick(hidden).to(at::kFloat);  // hidden itself when float32 and all live
+  const auto x = residual.has_value() ? hf.add(live.pick(*residual).to(at::kFloat)) : hf;
   auto pre = x.mm(enc_w.to(at::kFloat).t());
   if (enc_b.has_value()) pre.add_(*enc_b);
   at::Tensor f;
@@ -293,28 +327,13 @@ void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
   } else if (activation == kIdentity) {
     f = pre;
   } else {
-    f = at::where(pre.ge(topk_kth->unsqueeze(1)).logical_and(pre.gt(0)), pre, zero);
+    f = at::where(pre.ge(live.pick(*topk_kth).unsqueeze(1)).logical_and(pre.gt(0)), pre, zero);
   }
   auto coef = at::where(m.eq(kAdd), s, zero);
   coef = at::where(m.eq(kSet), s.mul(max_act).sub(f), coef);
   coef = at::where(m.eq(kScale), f.mul(s).sub(f), coef);
   coef = at::where(m.eq(kAblate), f.neg(), coef);
-  // Only live rows are written, so rows whose modes are all off stay
-  // bit-identical (-0.0 and NaN payloads included), as on the row path.
-  const auto live = m.ne(kOff).any(1).nonzero().squeeze(1);
-  if (live.size(0) == hidden.size(0)) {
-    // Every row steered (the usual prefill): no gather/scatter of hidden.
-    const auto delta = coef.mm(dec_w.to(at::kFloat));
-    if (hidden.scalar_type() == at::kFloat) {
-      hidden.add_(delta);
-    } else {
-      hidden.copy_(delta.add_(hf));  // one rounding into hidden's dtype
-    }
-    return;
-  }
-  const auto rows = hidden.index_select(0, live).to(at::kFloat);
-  hidden.index_copy_(0, live, rows.add_(coef.index_select(0, live).mm(dec_w.to(at::kFloat)))
-                                  .to(hidden.scalar_type()));
+  add_live_delta(hidden, live, hf, coef.mm(dec_w.to(at::kFloat)));
 }
 
 void steer_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
@@ -385,11 +404,12 @@ void add_vectors_cpu(at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   if (T_rows * k >= kGemmMinWork) {
     check_rows_and_modes_values(row_index, nullptr, R);
     at::NoGradGuard no_grad;
-    const auto w_rows = weights.index_select(0, row_index.to(at::kLong));
-    const auto live = w_rows.ne(0).any(1).nonzero().squeeze(1);
-    const auto rows = hidden.index_select(0, live).to(at::kFloat);
-    hidden.index_copy_(0, live, rows.add_(w_rows.index_select(0, live).mm(vectors.to(at::kFloat)))
-                                    .to(hidden.scalar_type()));
+    const auto idx_all = row_index.to(at::kLong);
+    const LiveRows live = live_rows(weights.ne(0).any(1).index_select(0, idx_all));
+    if (live.size() == 0) return;
+    const auto w_rows = weights.index_select(0, live.pick(idx_all));
+    add_live_delta(hidden, live, live.pick(hidden).to(at::kFloat),
+                   w_rows.mm(vectors.to(at::kFloat)));
     return;
   }
   dispatch_types(hidden, row_index, [&](auto type_tag, auto idx_tag) {
