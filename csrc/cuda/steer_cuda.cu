@@ -167,15 +167,11 @@ __device__ __forceinline__ bool needs_encode(int m) {
   return m == kSet || m == kScale || m == kAblate;
 }
 
-// x[v*VEC .. v*VEC+VEC) of local row i: from shared memory when staged,
-// otherwise from global memory (very large d).
+// x[v*VEC .. v*VEC+VEC) = hidden (+ residual) of token row `row` in fp32,
+// read from global memory; zeros for row < 0 (a row that is not live).
 template <typename T, int VEC>
-__device__ __forceinline__ void load_x(const SteerParams<T>& p, const float* xs, int64_t row,
-                                       int i, int64_t v, float (&out)[VEC]) {
-  if (p.stage_x) {
-    load_smem<VEC>(xs + i * p.d + v * VEC, out);
-    return;
-  }
+__device__ __forceinline__ void load_x_global(const SteerParams<T>& p, int64_t row, int64_t v,
+                                              float (&out)[VEC]) {
   if (row < 0) {
 #pragma unroll
     for (int u = 0; u < VEC; ++u) out[u] = 0.f;
@@ -188,6 +184,18 @@ __device__ __forceinline__ void load_x(const SteerParams<T>& p, const float* xs,
 #pragma unroll
     for (int u = 0; u < VEC; ++u) out[u] += b[u];
   }
+}
+
+// x[v*VEC .. v*VEC+VEC) of local row i: from shared memory when staged,
+// otherwise from global memory (very large d).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_x(const SteerParams<T>& p, const float* xs, int64_t row,
+                                       int i, int64_t v, float (&out)[VEC]) {
+  if (p.stage_x) {
+    load_smem<VEC>(xs + i * p.d + v * VEC, out);
+    return;
+  }
+  load_x_global<T, VEC>(p, row, v, out);
 }
 
 // Features encoded together by one warp: more rows per block make the x
@@ -306,18 +314,7 @@ __global__ void __launch_bounds__(kThreads) steer_kernel(const SteerParams<T> p)
         const int64_t t = t0 + i;
         for (int64_t v = tid; v < nv; v += kThreads) {
           float a[VEC];
-          if (r >= 0) {
-            load_f32<T, VEC>(p.hidden + t * p.h_stride + v * VEC, a);
-            if (p.residual) {
-              float b[VEC];
-              load_f32<T, VEC>(p.residual + t * p.r_stride + v * VEC, b);
-#pragma unroll
-              for (int u = 0; u < VEC; ++u) a[u] += b[u];
-            }
-          } else {
-#pragma unroll
-            for (int u = 0; u < VEC; ++u) a[u] = 0.f;
-          }
+          load_x_global<T, VEC>(p, r >= 0 ? t : -1, v, a);
           store_smem<VEC>(xs + i * d + v * VEC, a);
         }
       }
