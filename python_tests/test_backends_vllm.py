@@ -25,6 +25,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 import sae_fast.vllm as sv  # noqa: E402
 from sae_fast.backends import vllm as bv  # noqa: E402
+from sae_fast.backends.vllm import transport, worker  # noqa: E402
 from sae_fast.backends.tables import SteeringTables  # noqa: E402
 from sae_fast.models import tiny_model  # noqa: E402
 from sae_fast.ops import reference  # noqa: E402
@@ -42,7 +43,7 @@ ENGINES = {"llama-compiled": ("llama", False), "qwen2-eager": ("qwen2", True),
 
 def _make_engine(arch, eager, **kw):
     return LLM(model=str(tiny_model(arch)), dtype="float32", max_model_len=512, seed=0,
-               enforce_eager=eager, **sv.engine_args(max_features=16), **kw)
+               enforce_eager=eager, **sv.engine_args(max_features=16, layers=[0, 1, 2, 3]), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_request_entries_forms():
 
 def test_resolve_request_errors_name_the_value():
     plan = build_plan(random_sae(32, 64, seed=1), SteeringSpec(features=[1, 5], mode="set"))
-    groups = {"g": bv._GroupSpec(name="g", uid="u", layers=[0], plan=plan)}
+    groups = {"g": bv.AttachedSAE(name="g", uid="u", layers=[0], plan=plan)}
     s, m = bv.resolve_request([{"features": [5], "strengths": [2.0]}], groups)["g"]
     assert s.tolist() == [0.0, 2.0] and m.tolist() == [0, 2]
     with pytest.raises(SteeringSpecError, match="feature 9"):
@@ -123,12 +124,13 @@ def test_resolve_request_errors_name_the_value():
 def test_plan_payload_roundtrip_and_engine_args():
     sae = random_sae(48, 96, architecture="jumprelu", seed=2)
     plan = build_plan(sae, SteeringSpec(features=[4, 9, 90], mode="scale", strengths=[1, 2, 3]))
-    back = bv._plan_from_payload(bv._plan_payload(plan, sae))
-    for name in bv._PLAN_TENSORS:
+    back = transport.plan_from_payload(transport.plan_payload(plan, sae))
+    for name in transport.PLAN_TENSORS:
         assert torch.equal(getattr(back, name), getattr(plan, name)), name
     assert back.spec == plan.spec and back.activation == plan.activation
-    bf = torch.randn(3, 5).to(torch.bfloat16)
-    assert torch.equal(bv._unpack(bv._pack(bf)), bf)
+    bf16 = build_plan(sae, SteeringSpec(features=[1, 2], mode="add"), dtype=torch.bfloat16)
+    back16 = transport.plan_from_payload(transport.plan_payload(bf16, sae))
+    assert back16.dec_w.dtype == torch.bfloat16 and torch.equal(back16.dec_w, bf16.dec_w)
     args = sv.engine_args(max_features=8, layers=[-1])
     assert args["worker_extension_cls"] == sv.EXTENSION_QUALNAME
     assert args["additional_config"]["sae_fast"]["max_features"] == 8
@@ -400,7 +402,7 @@ def test_missing_op_in_the_graph_fails_loudly(sae):
     llm = _make_engine("llama", True)
     try:
         layer = _vllm_model(llm).model.layers[1]
-        object.__delattr__(layer, bv._SLOT_ATTR)
+        object.__delattr__(layer, worker.SLOT_ATTR)
         with _attach(llm, sae, layer=1):
             with pytest.raises(Exception, match="steering op did not run at layer 1"):
                 _tokens(llm, PROMPTS[:1], _greedy(n=4, steer={"strengths": 4.0}))
@@ -416,7 +418,7 @@ _MP_SCRIPT = textwrap.dedent("""
         import sae_fast.vllm as sv
         from sae_fast.sae import random_sae
         llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, seed=0,
-                  enforce_eager=sys.argv[2] == "eager", **sv.engine_args(max_features=8))
+                  enforce_eager=sys.argv[2] == "eager", **sv.engine_args(max_features=8, layers=[1]))
         sp = SamplingParams(max_tokens=6, temperature=0.0)
         ssp = SamplingParams(max_tokens=6, temperature=0.0, extra_args={"sae": {"strengths": 4.0}})
         prompts = ["hello world", "the quick brown"]

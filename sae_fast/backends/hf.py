@@ -18,7 +18,6 @@ the first generated token). Hooks are removed on exit, also on error.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -26,69 +25,15 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from sae_fast.backends.common import (SCHEDULES, UnsupportedModelError, decoder_layers,  # noqa: F401
+                                     hidden_size_of, resolve_layer, schedule_multiplier)
+from sae_fast.backends.requests import request_row_kwargs
 from sae_fast.backends.tables import SteeringTables
 from sae_fast.plan import SteeringSpec, SteeringSpecError, build_plan
 from sae_fast.sae import SAEWeights, load_sae
 from sae_fast.stats import SteeringStats
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("constant", "linear", "cosine")
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers",
-                "transformer.h", "gpt_neox.layers", "transformer.layers")
-
-
-class UnsupportedModelError(TypeError):
-    """The model's decoder layers could not be located."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder layers of a transformers causal LM."""
-    for path in _LAYER_PATHS:
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise UnsupportedModelError(
-        f"cannot find the decoder layers of {type(model).__name__}: looked for "
-        f"{', '.join(_LAYER_PATHS)}; supported families include Llama, Qwen2, Mistral, Gemma2, "
-        "GPT-2 and GPT-NeoX")
-
-
-def hidden_size_of(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    for name in ("hidden_size", "n_embd", "d_model"):
-        if cfg is not None and getattr(cfg, name, None):
-            return int(getattr(cfg, name))
-    raise UnsupportedModelError(f"cannot read the hidden size of {type(model).__name__} from its config")
-
-
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """Negative layers count from the end; out of range is an error naming both."""
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise SteeringSpecError(f"layer {layer!r} is not an integer")
-    idx = layer + num_layers if layer < 0 else layer
-    if not 0 <= idx < num_layers:
-        raise SteeringSpecError(f"layer {layer} is out of range for a model with {num_layers} "
-                                f"decoder layers (valid: {-num_layers}..{num_layers - 1})")
-    return idx
-
-
-def schedule_multiplier(schedule: str, step: int, steps: int) -> float:
-    """Strength multiplier at generated position ``step`` (0 = first token)."""
-    if schedule == "constant":
-        return 1.0
-    frac = min(max(step, 0), steps) / max(steps, 1)
-    if schedule == "linear":
-        return 1.0 - frac
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * frac))
-    raise SteeringSpecError(f"strength_schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
 @dataclass
@@ -213,6 +158,9 @@ class HFSteerer:
                 staged.append(None)
                 continue
             kw = request_row_kwargs(meta)
+            if "group" in kw:
+                raise SteeringSpecError(f"request key group={kw['group']!r}: the HF backend picks "
+                                        "the SAE with set_requests(..., group=index)")
             staged.append([t.row_values(**kw) for t in g.tables])
         self._write_rows(g, staged)
 
@@ -357,29 +305,6 @@ class HFSteerer:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
-
-
-def request_row_kwargs(meta: dict) -> dict:
-    """Row kwargs for SteeringTables.row_values from request metadata."""
-    aliases = {"sae_feature_idx": "features", "feature_idx": "features", "feature_idxs": "features",
-               "sae_max_activation": "max_activation", "max_activations": "max_activation",
-               "sae_strength_scale": "scale", "strength_scale": "scale", "strength": "strengths",
-               "sae_strengths": "strengths", "sae_mode": "mode"}
-    kw: dict[str, Any] = {}
-    for key, value in meta.items():
-        name = aliases.get(key, key)
-        if name not in ("features", "strengths", "mode", "scale", "max_activation"):
-            raise SteeringSpecError(f"unknown steering request key {key!r}; expected sae_feature_idx, "
-                                    "sae_max_activation, sae_strength_scale, features, strengths, "
-                                    "mode, strength_scale or max_activations")
-        if name in kw:
-            raise SteeringSpecError(f"steering request gives {name} twice (key {key!r})")
-        kw[name] = value
-    if "features" in kw and not isinstance(kw["features"], (list, tuple)):
-        kw["features"] = [kw["features"]]
-    if "strengths" not in kw and "features" in kw:
-        kw["strengths"] = 1.0
-    return kw
 
 
 def attach(model: nn.Module, sae: Union[SAEWeights, str, Any], *,

@@ -263,6 +263,11 @@ class VLLMRolloutEngine(RolloutEngine):
                                "constant")
         self._sv = sv
         self._own_llm = llm is None
+        if sae is not None and not layers:  # slots go only where steering is attached
+            from sae_fast.sae import load_sae
+
+            sae = load_sae(sae, device="cpu")
+            layers = [sae.hook_layer if sae.hook_layer is not None else -1]
         if llm is None:
             from vllm import LLM
 
