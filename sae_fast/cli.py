@@ -393,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("output_dir")
     pl.set_defaults(func=cmd_plot)
 
+    sv = sub.add_parser("serve", add_help=False,
+                        help="vLLM's OpenAI server with SAE steering (sae-fast serve MODEL --sae "
+                             "PATH --layer L --features F... [vLLM flags]; serve --help for more)")
+    sv.set_defaults(func=None)
+
     d = sub.add_parser("demo", help="learn per-question steering of SmolLM2-135M with the shipped "
                        "SAE (CPU, <= 10 min); --tiny: a tiny random model (a few minutes)")
     d.add_argument("--output-dir", help="default: a new temporary folder")
@@ -418,6 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # every flag we do not know goes to vLLM's server unchanged
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from sae_fast.backends.vllm.serve import run
+
+        try:
+            return run(argv[1:])
+        except _user_errors() as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO

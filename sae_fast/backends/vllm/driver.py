@@ -115,14 +115,14 @@ class _EngineState:
 
     @classmethod
     def of(cls, engine: Any) -> "_EngineState":
-        st = getattr(engine, "_sae_fast_state", None)
-        if st is not None:
-            return st
         if _is_async(engine):
             raise VLLMSteeringError(
                 f"{type(engine).__name__} is an async engine: use "
                 "`await sae_fast.vllm.attach_async(engine, ...)` (and stats_async, "
                 "set_enabled_async, detach_async)")
+        st = getattr(engine, "_sae_fast_state", None)
+        if st is not None:
+            return st
         try:
             infos = engine.collective_rpc("sae_info")
         except Exception as err:
@@ -135,12 +135,12 @@ class _EngineState:
 
     @classmethod
     async def of_async(cls, engine: Any) -> "_EngineState":
-        st = getattr(engine, "_sae_fast_state", None)
-        if st is not None:
-            return st
         if not _is_async(engine):
             raise VLLMSteeringError(f"{type(engine).__name__} is not an async engine: use "
                                     "sae_fast.vllm.attach(llm, ...)")
+        st = getattr(engine, "_sae_fast_state", None)
+        if st is not None:
+            return st
         try:
             infos = await engine.collective_rpc("sae_info")
         except Exception as err:
