@@ -328,7 +328,7 @@ def test_openai_server_steers_per_request(tmp_path, sae_dir):
             complete("hello world", {"sae_features": [3.7]})
         assert complete("hello world")[0] == plain  # still serving
 
-        long_prompt = " ".join(f"word{i % 37}" for i in range(200))
+        long_prompt = " ".join(f"word{i % 37}" for i in range(80))  # ~300 tokens
         requests.post(base + "/reset_prefix_cache", timeout=30).raise_for_status()
         fresh = complete(long_prompt, {"sae_strengths": [4.0]}, n=3, logprobs=0)
         requests.post(base + "/reset_prefix_cache", timeout=30).raise_for_status()
