@@ -28,6 +28,36 @@ def test_codes_match_cpp_header():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,k,n_live", [(16, 32, 0), (16, 32, 3), (256, 32, 1), (64, 8, 40)])
+def test_few_live_rows_at_large_t_times_k(dtype, T, k, n_live):
+    """T*k >= 512 with few live rows (the vLLM decode step: many tokens, most
+    unsteered) takes the row path, and an all-unsteered batch returns at once:
+    both still match the reference, and off rows stay bit-identical."""
+    seed = zlib.crc32(f"few-live-{dtype}-{T}-{k}-{n_live}".encode())
+    g = torch.Generator().manual_seed(seed)
+    case = random_steer_case(T, 576, k, R=8, dtype=dtype, seed=seed)
+    rows = torch.zeros(T, dtype=torch.int32)
+    live = torch.randperm(T, generator=g)[:n_live]
+    rows[live] = torch.randint(1, 8, (n_live,), generator=g, dtype=torch.int32)
+    case["row_index"] = rows
+    case["modes"][1:][case["modes"][1:] == codes.MODE_OFF] = codes.MODE_SET
+    out = clone_case(case)
+    torch.ops.sae_fast.steer_(**out)
+    assert_steer_close(out["hidden"], case, what=f"few live {dtype} T={T} k={k} n={n_live}")
+    assert torch.equal(out["hidden"][rows == 0], case["hidden"][rows == 0])
+    w = torch.randn(8, k)
+    w[0] = 0
+    h = case["hidden"].clone()
+    torch.ops.sae_fast.add_vectors_(h, case["dec_w"], w, rows)
+    ref = case["hidden"].clone()
+    reference.add_vectors_(ref, case["dec_w"], w, rows)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(h.float(), ref.float(), atol=tol * 4, rtol=tol)
+    assert torch.equal(h[rows == 0], case["hidden"][rows == 0])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,d,k", [(1, 64, 1), (3, 123, 7), (64, 576, 64), (1000, 64, 7),
                                    (17, 4096, 7), (5, 123, 600)])
 @pytest.mark.parametrize("activation", [codes.ACT_THRESHOLD_RELU, codes.ACT_IDENTITY, codes.ACT_TOPK])

@@ -252,6 +252,55 @@ void dispatch_types(const at::Tensor& hidden, const at::Tensor& row_index, Fn&& 
 // temporaries are allocated here, which the decode-sized path above never does.
 constexpr int64_t kGemmMinWork = 512;
 
+// Token rows whose table row has any live entry (a mode other than off, or a
+// nonzero weight), counted with plain loops: no ATen op, no allocation, so an
+// unsteered or mostly unsteered batch costs what the row path costs at any
+// T * k (the GEMM path's setup alone is tens of microseconds). Rows of the
+// table are checked once each; row_index values are range-checked.
+template <typename idx_t, typename E, typename Live>
+int64_t count_live_tokens(const idx_t* row_index, int64_t T_rows, const E* table, int64_t k,
+                          int64_t R, Live&& is_live) {
+  std::vector<int8_t> state(static_cast<size_t>(R), -1);  // -1 unknown, 0 dead, 1 live
+  int64_t n = 0;
+  for (int64_t t = 0; t < T_rows; ++t) {
+    const int64_t r = checked_row(row_index, t, R);
+    int8_t& st = state[static_cast<size_t>(r)];
+    if (st < 0) {
+      st = 0;
+      const E* row = table + r * k;
+      for (int64_t c = 0; c < k; ++c) {
+        if (is_live(row[c], r, c)) st = 1;
+      }
+    }
+    n += st;
+  }
+  return n;
+}
+
+int64_t live_tokens_modes(const at::Tensor& row_index, const at::Tensor& modes) {
+  const int64_t k = modes.size(1), R = modes.size(0);
+  const int8_t* m = modes.data_ptr<int8_t>();
+  auto live = [](int8_t v, int64_t r, int64_t c) {
+    if (v < kOff || v > kAblate) {
+      TORCH_CHECK(false, "modes[", r, ", ", c, "] = ", static_cast<int>(v),
+                  " is not a mode code (0 off, 1 add, 2 set, 3 scale, 4 ablate)");
+    }
+    return v != kOff;
+  };
+  if (row_index.scalar_type() == at::kInt)
+    return count_live_tokens(row_index.data_ptr<int32_t>(), row_index.size(0), m, k, R, live);
+  return count_live_tokens(row_index.data_ptr<int64_t>(), row_index.size(0), m, k, R, live);
+}
+
+int64_t live_tokens_weights(const at::Tensor& row_index, const at::Tensor& weights) {
+  const int64_t k = weights.size(1), R = weights.size(0);
+  const float* w = weights.data_ptr<float>();
+  auto live = [](float v, int64_t, int64_t) { return v != 0.f; };
+  if (row_index.scalar_type() == at::kInt)
+    return count_live_tokens(row_index.data_ptr<int32_t>(), row_index.size(0), w, k, R, live);
+  return count_live_tokens(row_index.data_ptr<int64_t>(), row_index.size(0), w, k, R, live);
+}
+
 void check_rows_and_modes_values(const at::Tensor& row_index, const at::Tensor* modes, int64_t R) {
   auto mm = at::aminmax(row_index);
   const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
@@ -347,9 +396,14 @@ void steer_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                                      min_strength, max_strength);
   if (hidden.size(0) == 0 || k == 0) return;
   if (hidden.size(0) * k >= kGemmMinWork) {
-    steer_gemm(hidden, residual, enc_w, enc_b, threshold, dec_w, max_act, strengths, modes,
-               row_index, topk_kth, activation, scale, min_strength, max_strength);
-    return;
+    // The GEMM pays off only for the live rows; few live rows take the row path.
+    const int64_t n_live = live_tokens_modes(row_index, modes);
+    if (n_live == 0) return;
+    if (n_live * k >= kGemmMinWork) {
+      steer_gemm(hidden, residual, enc_w, enc_b, threshold, dec_w, max_act, strengths, modes,
+                 row_index, topk_kth, activation, scale, min_strength, max_strength);
+      return;
+    }
   }
   dispatch_types(hidden, row_index, [&](auto type_tag, auto idx_tag) {
     using T = decltype(type_tag);
@@ -375,7 +429,10 @@ void clamp_direction_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& re
   const int64_t k = check_clamp_direction_args(hidden, residual, directions, max_act, strengths,
                                                modes, row_index, min_strength, max_strength);
   if (hidden.size(0) == 0 || k == 0) return;
-  if (hidden.size(0) * k >= kGemmMinWork) {
+  const int64_t n_live =
+      hidden.size(0) * k >= kGemmMinWork ? live_tokens_modes(row_index, modes) : 0;
+  if (hidden.size(0) * k >= kGemmMinWork && n_live == 0) return;
+  if (n_live * k >= kGemmMinWork) {
     steer_gemm(hidden, residual, directions, c10::nullopt, c10::nullopt, directions, max_act,
                strengths, modes, row_index, c10::nullopt, kIdentity, scale, min_strength,
                max_strength);
@@ -401,7 +458,9 @@ void add_vectors_cpu(at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   const int64_t k = check_add_vectors_args(hidden, vectors, weights, row_index);
   const int64_t T_rows = hidden.size(0), d = hidden.size(1), R = weights.size(0);
   if (T_rows == 0 || k == 0) return;
-  if (T_rows * k >= kGemmMinWork) {
+  const int64_t n_live = T_rows * k >= kGemmMinWork ? live_tokens_weights(row_index, weights) : 0;
+  if (T_rows * k >= kGemmMinWork && n_live == 0) return;
+  if (n_live * k >= kGemmMinWork) {
     check_rows_and_modes_values(row_index, nullptr, R);
     at::NoGradGuard no_grad;
     const auto idx_all = row_index.to(at::kLong);
