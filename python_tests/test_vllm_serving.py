@@ -345,3 +345,14 @@ def test_openai_server_steers_per_request(tmp_path, sae_dir):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_each_attach_from_config(tmp_path, sae_dir, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
+    res = _run_script(HERE / "vllm_tp_script.py", [str(tiny_model("llama")), sae_dir], tmp_path)
+    assert res["steered"][0] != res["base"][0] and res["steered"][1] == res["base"][1]
+    assert len(res["ranks"]) == 2
+    for rank in res["ranks"]:
+        assert rank["op_calls"]["1"] > 0 and rank["failures"] == 0
+        assert rank["groups"]["cfg"]["requests"] == 1
