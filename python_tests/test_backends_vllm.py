@@ -12,11 +12,7 @@ import textwrap
 import pytest
 import torch
 
-# Before vLLM is imported anywhere in this process.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import vllm_env  # noqa: F401  (before vLLM is imported anywhere in this process)
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")

