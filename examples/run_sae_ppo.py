@@ -32,6 +32,8 @@ def parse(argv):
     p.add_argument("--strength-scale", type=float, help="global strength scale")
     p.add_argument("--output-dir", help="checkpoints, metrics, plots")
     p.add_argument("--disable-sae", action="store_true", help="the same run without steering")
+    p.add_argument("--engine", choices=["standalone", "verl"], default="standalone",
+                   help="verl: train inside verl on Ray (see sae-fast train --help)")
     return p.parse_known_args(argv)
 
 
@@ -49,6 +51,7 @@ def main(argv=None):
         forwarded += ["--output-dir", args.output_dir]
     if args.disable_sae:
         forwarded.append("--disable-sae")
+    forwarded += ["--engine", args.engine]
     return sae_fast_main(forwarded + rest)
 
 

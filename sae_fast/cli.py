@@ -59,6 +59,14 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="-> trainer.seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set algorithm.lr=1e-3 (repeatable)")
+    p.add_argument("--engine", choices=["standalone", "verl"], default="standalone",
+                   help="standalone: sae_fast's own loop (hf or vllm rollouts); verl: the same "
+                        "training inside verl (vLLM rollout servers on Ray, verl's agent loop, "
+                        "advantage, policy loss and tracking); with --disable-sae, verl's "
+                        "standard PPO (GPUs)")
+    p.add_argument("--verl-set", action="append", default=[], metavar="HYDRA_OVERRIDE",
+                   help="a Hydra override of verl's ppo_trainer config, applied last "
+                        "(--engine verl; repeatable)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -81,7 +89,15 @@ def config_from_args(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from sae_fast.train.trainer import train
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)  # a bad key fails here, before anything starts
+    if getattr(args, "engine", "standalone") == "verl":
+        from sae_fast_verl.launch import train as verl_train
+
+        summary = verl_train(cfg, resume=args.resume, overrides=args.verl_set,
+                             disable_sae=args.disable_sae)
+        print(summary["table"])
+        print(f"\noutputs in {summary['output_dir']}")
+        return 0
     cfg.check_for_training()
     summary = train(cfg, resume=args.resume)
     print(summary["table"])
@@ -297,7 +313,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "trainer.output_dir": str(out / "run"), "trainer.progress_bar": not args.no_progress,
     })
     cfg = load_config(None, overrides=args.set, values=values)
-    summary = train(cfg, resume=args.resume)
+    if args.engine == "verl":
+        from sae_fast_verl.launch import train as verl_train
+
+        summary = verl_train(cfg, resume=args.resume, overrides=args.verl_set)
+    else:
+        summary = train(cfg, resume=args.resume)
     print()
     print(summary["table"])
     print(f"\n(best constant = the best of {cfg.trainer.val_constant_grid} chosen on the validation "
@@ -401,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="learn per-question steering of SmolLM2-135M with the shipped "
                        "SAE (CPU, <= 10 min); --tiny: a tiny random model (a few minutes)")
     d.add_argument("--output-dir", help="default: a new temporary folder")
+    d.add_argument("--engine", choices=["standalone", "verl"], default="standalone",
+                   help="verl: the same job inside verl (vLLM rollout servers on Ray)")
+    d.add_argument("--verl-set", action="append", default=[], metavar="HYDRA_OVERRIDE",
+                   help="a Hydra override of verl's config (--engine verl)")
     d.add_argument("--tiny", action="store_true",
                    help="tiny random Llama + random SAE + synthetic task (quick check)")
     d.add_argument("--steps", type=int, default=None,

@@ -112,6 +112,12 @@ class PolicyUpdater:
                 adv = rewards.clone()
         return normalize(adv) if c.normalize_advantages else adv
 
+    def clip_loss(self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict]:
+        """The PPO-clip policy loss of one minibatch (one action per row) and its
+        diagnostics (clipfrac, approx_kl); the verl integration uses verl's."""
+        return ppo_clip_objective(logp, logp_old, adv, self.cfg.clip_ratio)
+
     def update(self, embeddings: torch.Tensor, batch: dict[str, torch.Tensor],
                rewards: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict:
         """One policy update.
@@ -147,7 +153,7 @@ class PolicyUpdater:
                     diag = {"clipfrac": 0.0,
                             "approx_kl": float((logp_old[idx] - logp.detach()).mean())}
                 else:
-                    pg_loss, diag = ppo_clip_objective(logp, logp_old[idx], adv[idx], c.clip_ratio)
+                    pg_loss, diag = self.clip_loss(logp, logp_old[idx], adv[idx])
                 entropy = gaussian_entropy(out.log_std)
                 kl = gaussian_kl(mean_old[idx], log_std_old[idx], out.mean,
                                  out.log_std.expand_as(out.mean)).mean()

@@ -71,6 +71,7 @@ class ServeConfig(BaseModel):
     saes: list[SAEEntry] = Field(default_factory=list)
     salt_prefix_cache: bool = True
     stats_log_interval_s: float = Field(default=60.0, ge=0)
+    stats_dir: Optional[str] = None  # each worker also writes its stats() there as JSON
 
     @field_validator("saes", mode="before")
     @classmethod

@@ -5,8 +5,11 @@ extension whose methods ``collective_rpc`` calls on every rank."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -209,6 +212,7 @@ class WorkerSteering:
         self._verify: Optional[list] = None  # [slot, calls before the first steered step]
         self._last_log = time.monotonic()
         self._logged_steps = 0
+        self._written_steps = -1
         for g in prepared:
             self._place(g)
 
@@ -303,6 +307,16 @@ class WorkerSteering:
                 c.update(requests=0, tokens=0)
         return d
 
+    def write_stats(self, folder: Path) -> Path:
+        """``stats_dict()`` as ``<folder>/worker-<pid>.json``, replaced atomically
+        (launchers whose RPCs return nothing, e.g. verl's servers, read it)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"worker-{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stats_dict(), default=str))
+        os.replace(tmp, path)
+        return path
+
     # ---------------------------------------------------------------- per step
     def on_step(self, scheduler_output: Any, req_ids: Sequence[str],
                 num_scheduled: np.ndarray) -> None:
@@ -316,6 +330,9 @@ class WorkerSteering:
         interval = self.config.stats_log_interval_s
         if interval and time.monotonic() - self._last_log >= interval:
             self._log_stats()
+        if self.config.stats_dir and self.stats.steps != self._written_steps:
+            self._written_steps = self.stats.steps
+            self.write_stats(Path(self.config.stats_dir))
 
     def _log_stats(self) -> None:
         self._last_log = time.monotonic()
