@@ -241,3 +241,18 @@ def test_three_line_generate(tiny, sae, tmp_path):
                                 features=[3, 50], strengths=[5.0, 5.0], max_activations=[6, 6],
                                 layer=1, max_new_tokens=8)
     assert len(plain) == 2 and plain != steered
+
+
+def test_per_row_feature_indices_must_be_integers():
+    """The per-request path refuses 3.7 and "3.7" (never steers feature 3) and
+    accepts "3" like 3, in set_requests and in set_strengths(features=...)."""
+    from sae_fast.backends.tables import SteeringTables
+    from sae_fast.plan import SteeringSpec, SteeringSpecError, build_plan
+    from sae_fast.sae import random_sae
+
+    t = SteeringTables(build_plan(random_sae(16, 32, seed=1), SteeringSpec(features=[3, 5])), 2, 4)
+    s, m = t.row_values(2.0, features=["3"])
+    assert s.tolist() == [2.0, 0.0] and m.tolist()[1] == 0
+    for bad in (3.7, "3.7", True):
+        with pytest.raises(SteeringSpecError, match="is not an integer feature index"):
+            t.row_values(2.0, features=[bad])

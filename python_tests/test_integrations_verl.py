@@ -356,3 +356,30 @@ def test_reward_verl_is_verls_default_compute_score():
             float(default_compute_score("openai/gsm8k", sol, gt))
     assert fn.score_one("openai/gsm8k", "#### 72", "72")[0] == 1.0
     assert fn.score_one("openai/gsm8k", "#### 71", "72")[0] == 0.0
+
+
+def test_worker_stats_are_pooled_across_rollout_workers(tmp_path):
+    """Two workers' stats files -> counters summed, strength mean/std pooled
+    exactly as over the union of their strengths."""
+    from sae_fast.stats import SteeringStats
+    from sae_fast_verl.engine import merge_worker_stats, read_worker_stats
+
+    g = torch.Generator().manual_seed(3)
+    parts, values = [], []
+    for w in range(2):
+        st = SteeringStats()
+        s = torch.randn(5 + 3 * w, generator=g) * (w + 1)
+        st.record_strengths(s)
+        st.record_step(7 + w)
+        values.append(s)
+        d = st.as_dict()
+        d["groups"] = {"sae": {"requests": 5 + 3 * w, "tokens": 7 + w}}
+        (tmp_path / f"worker-{w}.json").write_text(json.dumps(d))
+        parts.append(d)
+    (tmp_path / "worker-9.json").write_text("{torn")  # replaced mid-read: skipped
+    got = merge_worker_stats(read_worker_stats(tmp_path))
+    allv = torch.cat(values).double()
+    assert got["workers"] == 2 and got["steps"] == 2 and got["steered_rows"] == 15
+    assert got["groups"]["sae"] == {"requests": 13, "tokens": 15}
+    assert got["strength_mean"] == pytest.approx(float(allv.mean()), abs=1e-6)
+    assert got["strength_std"] == pytest.approx(float(allv.std(unbiased=False)), abs=1e-5)

@@ -365,3 +365,19 @@ def test_tensor_parallel_ranks_each_attach_from_config(tmp_path, sae_dir, monkey
     for rank in res["ranks"]:
         assert rank["op_calls"]["1"] > 0 and rank["failures"] == 0
         assert rank["groups"]["cfg"]["requests"] == 1
+
+
+def test_steered_engines_get_their_own_compile_cache_key():
+    """vLLM keys its compile cache by a hash that covers additional_config, so a
+    steered engine (our block there) never loads a graph compiled without the
+    decoder-layer patch, and different slot layouts never share one."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    def key(**kw):
+        return EngineArgs(model=str(tiny_model("llama")), dtype="float32", max_model_len=512,
+                          **kw).create_engine_config().compute_hash()
+
+    plain = key()
+    one = key(**sv.engine_args(layers=[1]))
+    two = key(**sv.engine_args(layers=[1, 2]))
+    assert len({plain, one, two}) == 3

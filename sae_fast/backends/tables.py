@@ -47,9 +47,11 @@ class SteeringTables:
         raise an error naming them and the allowed set."""
         if features is None:
             return list(range(self.k))
+        from sae_fast.backends.requests import feature_index
+
         cols = []
-        for f in features:
-            j = self._feature_col.get(int(f))
+        for i, f in enumerate(features):
+            j = self._feature_col.get(feature_index(f, f"features[{i}]"))
             if j is None:
                 raise SteeringSpecError(
                     f"feature {f} is not among the features attached at this layer "

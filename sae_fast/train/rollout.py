@@ -71,8 +71,11 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[str], strengths: Optional[Any],
-                 decoding: Decoding) -> list[Completion]:
-        """One completion per prompt; ``strengths`` [B, k] or None (unsteered)."""
+                 decoding: Decoding, log_probs: Optional[Any] = None) -> list[Completion]:
+        """One completion per prompt; ``strengths`` [B, k] or None (unsteered).
+        ``log_probs`` [B]: the policy's log-prob of each row's strengths, for
+        engines that carry it with the sample (verl's agent loop returns it in
+        ``extra_fields``); the others ignore it."""
 
     @contextlib.contextmanager
     def unsteered(self) -> Iterator[None]:
@@ -178,7 +181,7 @@ class HFRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], strengths: Optional[Any],
-                 decoding: Decoding) -> list[Completion]:
+                 decoding: Decoding, log_probs: Optional[Any] = None) -> list[Completion]:
         rows = self._check_strengths(prompts, strengths)
         out: list[Completion] = []
         if decoding.seed is not None:
@@ -298,7 +301,7 @@ class VLLMRolloutEngine(RolloutEngine):
             self.handle.stats(reset=True)
 
     def generate(self, prompts: Sequence[str], strengths: Optional[Any],
-                 decoding: Decoding) -> list[Completion]:
+                 decoding: Decoding, log_probs: Optional[Any] = None) -> list[Completion]:
         from vllm import SamplingParams
 
         rows = self._check_strengths(prompts, strengths)

@@ -378,8 +378,9 @@ class Trainer:
         rep_prompts = [p for p in prompts for _ in range(n)]
         self.engine.reset_stats()
         with self._timed("generate"):
-            completions = self.engine.generate(rep_prompts, strengths,
-                                               self._decoding(_mix(cfg.trainer.seed, step, 2)))
+            completions = self.engine.generate(
+                rep_prompts, strengths, self._decoding(_mix(cfg.trainer.seed, step, 2)),
+                log_probs=None if batch is None else batch["log_prob"])
         steer_stats = self.engine.stats_dict()
         with self._timed("reward"):
             rewards, extras = self._score(rep_examples, rep_prompts, completions)

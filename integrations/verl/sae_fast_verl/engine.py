@@ -90,13 +90,14 @@ class VerlRolloutEngine(RolloutEngine):
             self.agent_loop_manager = AgentLoopManager.create(
                 config=verl_config, llm_client=self.server_manager.get_client())
         self._baseline: dict[str, Any] = {}
+        self.last_extra_fields: dict[str, Any] = {}  # the agent loop's extra_fields, last batch
 
     @property
     def server_addresses(self) -> list[str]:
         return list(self.server_manager.get_addresses()) if self.server_manager else []
 
     def generate(self, prompts: Sequence[str], strengths: Optional[Any],
-                 decoding: Decoding) -> list[Completion]:
+                 decoding: Decoding, log_probs: Optional[Any] = None) -> list[Completion]:
         from verl import DataProto
 
         rows = self._check_strengths(prompts, strengths)
@@ -117,6 +118,8 @@ class VerlRolloutEngine(RolloutEngine):
             "sae_strengths": _objects([None if rows is None or rows[i] is None else
                                        [float(x) for x in rows[i]] for i in range(n)]),
             "sae_seed": _objects(seeds),
+            "sae_log_prob": _objects([None if log_probs is None or i >= n_real else
+                                      float(log_probs[i]) for i in range(n)]),
             "agent_name": _objects([AGENT_NAME] * n),
         }, meta_info={"validate": not decoding.do_sample})
         out = self.agent_loop_manager.generate_sequences(batch)
@@ -127,6 +130,9 @@ class VerlRolloutEngine(RolloutEngine):
             ids = responses[i][mask[i]].tolist()
             done.append(Completion(text=self.tokenizer.decode(ids, skip_special_tokens=True),
                                    token_ids=ids))
+        self.last_extra_fields = {k: out.non_tensor_batch[k][:n_real] for k in
+                                  ("sae_strengths", "sae_log_prob", "sae_steered")
+                                  if k in out.non_tensor_batch}
         requested = out.non_tensor_batch.get("sae_strengths")
         if requested is not None and rows is not None:
             for i in range(n_real):  # what each sample asked for came back with it
