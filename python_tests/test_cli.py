@@ -126,7 +126,13 @@ def test_generate_fixed_and_predicted_strengths(task, tmp_path, capsys):
     assert main(base + ["--sae", task.sae_path, "--features", "3", "--strengths", "5",
                         "--layer", "-1"]) == 0
     steered = capsys.readouterr().out
-    assert "strengths=[5.0]" in steered and steered != plain
+    assert "strengths=[5.0]" in steered
+
+    def completions(out):  # the generated text of each prompt, without the annotations
+        return [part.split("\n--- completion\n", 1)[1].rstrip("\n")
+                for part in out.split("### prompt ")[1:]]
+
+    assert len(completions(plain)) == 2 and completions(steered) != completions(plain)
     from sae_fast.predictor import PredictorConfig, StrengthPredictor
 
     StrengthPredictor(PredictorConfig(input_dim=128, num_features=1, features=[3],

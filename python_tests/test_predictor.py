@@ -67,7 +67,14 @@ def test_sample_log_prob_matches_normal_and_is_seeded():
 def test_deterministic_mean_at_eval():
     p = _pred()
     x = torch.randn(3, 24)
-    assert torch.equal(p.predict_strengths(embeddings=x), p.predict_strengths(embeddings=x))
+    det = p.predict_strengths(embeddings=x)
+    with torch.no_grad():  # the policy mean, squashed by hand: min + (max - min) * (tanh + 1) / 2
+        mean = p(x).mean
+    c = p.config
+    ref = (c.min_strength + (c.max_strength - c.min_strength) * (torch.tanh(mean) + 1) / 2) \
+        * c.strength_scale
+    torch.testing.assert_close(det, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(p.predict_strengths(embeddings=x), det)
     assert not torch.equal(p.predict_strengths(embeddings=x, sample=True),
                            p.predict_strengths(embeddings=x))
 
