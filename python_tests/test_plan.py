@@ -166,3 +166,41 @@ def test_plan_is_compact():
     plan = build_plan(sae, SteeringSpec(features=list(range(8))))
     assert plan.enc_w.shape == (8, 256) and plan.dec_w.shape == (8, 256)
     assert plan.nbytes() < 8 * 256 * 4 * 2 + 8 * 4 * 3 + 1
+
+
+def test_capacity_plan_columns_steer_like_the_plan_itself():
+    """A capacity plan of 6 columns with a 3-feature plan written into columns
+    [4, 1, 2] steers hidden exactly as that plan does (reference op), and
+    clearing the columns makes it an exact no-op again."""
+    import torch
+
+    from sae_fast.ops import reference
+    from sae_fast.plan import SteeringPlan, SteeringSpec, build_plan
+    from sae_fast.sae import random_sae
+
+    sae = random_sae(40, 96, seed=5)
+    plan = build_plan(sae, SteeringSpec(features=[7, 30, 61], mode="set",
+                                        max_activations=[3.0, 2.0, 4.0]))
+    cap = SteeringPlan.capacity(6, 40)
+    assert cap.sae is None and cap.k == 6 and float(cap.enc_w.abs().sum()) == 0
+    cols = torch.tensor([4, 1, 2])
+    cap.write_columns(cols, plan)
+    g = torch.Generator().manual_seed(9)
+    h, r = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    s = torch.zeros(2, 3)
+    s[1] = torch.tensor([1.5, -2.0, 0.5])
+    m = torch.zeros(2, 3, dtype=torch.int8)
+    m[1] = 2
+    rows = torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32)
+    s6, m6 = torch.zeros(2, 6), torch.zeros(2, 6, dtype=torch.int8)
+    s6[:, cols], m6[:, cols] = s, m
+
+    def run(p, st, mo):
+        out = h.clone()
+        reference.steer_(out, r, p.enc_w, p.enc_b, p.threshold, p.dec_w, p.max_act, st, mo, rows,
+                         None, p.activation, 1.0, -1e9, 1e9)
+        return out
+
+    torch.testing.assert_close(run(cap, s6, m6), run(plan, s, m), atol=1e-6, rtol=1e-6)
+    cap.clear_columns(cols)
+    assert torch.equal(run(cap, s6, m6), h)

@@ -346,7 +346,8 @@ def test_openai_server_steers_per_request(tmp_path, sae_dir, launcher):
         again = complete(long_prompt, {"sae_strengths": [4.0]}, n=3, logprobs=0)
         assert again[0] == fresh[0] and again[1] == pytest.approx(fresh[1], abs=1e-4)
         metrics = requests.get(base + "/metrics", timeout=10).text
-        assert "sae_fast_steered_requests_total" in metrics
+        assert 'sae_fast_steered_requests_total{sae="cfg"}' in metrics
+        assert "sae_fast_rejected_requests_total" in metrics
     finally:
         server.terminate()
         try:

@@ -140,6 +140,18 @@ class SteeringSpec:
         return cls(features=feats, max_activations=max_acts, strengths=strengths, **kw)
 
 
+@dataclass(frozen=True)
+class PlanSource:
+    """What a plan needs to know about its SAE when the weights stay elsewhere
+    (a plan sent to a vLLM worker)."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: Optional[int]
+    source: str
+
+
 @dataclass
 class SteeringPlan:
     """Compact device tensors for one SAE's selected features.
@@ -149,7 +161,7 @@ class SteeringPlan:
     """
 
     spec: SteeringSpec
-    sae: SAEWeights
+    sae: Union[SAEWeights, "PlanSource", None]  # None: a capacity plan (columns filled later)
     features: torch.Tensor  # [k] int64
     enc_w: torch.Tensor  # [k, d]
     enc_b: torch.Tensor  # [k] fp32
@@ -180,6 +192,43 @@ class SteeringPlan:
     @property
     def needs_encode(self) -> bool:
         return self.spec.mode != "add"
+
+    # ---- capacity plans: fixed-size tables whose columns are filled later
+    @classmethod
+    def capacity(cls, k: int, d: int, *, dtype: torch.dtype = torch.float32,
+                 device: Union[str, torch.device] = "cpu") -> "SteeringPlan":
+        """An empty plan of ``k`` all-zero columns (every column off): persistent
+        buffers a backend allocates once, before any graph capture, and then
+        fills with :meth:`write_columns` / empties with :meth:`clear_columns`."""
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(spec=SteeringSpec(features=list(range(k)), mode="set"), sae=None,
+                   features=torch.arange(k, device=device),
+                   enc_w=torch.zeros(k, d, dtype=dtype, device=device),
+                   enc_b=torch.zeros(k, **f32), threshold=torch.zeros(k, **f32),
+                   dec_w=torch.zeros(k, d, dtype=dtype, device=device),
+                   max_act=torch.zeros(k, **f32), default_strengths=torch.zeros(k, **f32),
+                   activation=codes.ACT_THRESHOLD_RELU, mode_code=codes.MODE_SET)
+
+    def write_columns(self, cols: torch.Tensor, plan: "SteeringPlan") -> None:
+        """Copy ``plan``'s features into columns ``cols`` of this capacity plan,
+        in place (same tensors, so graphs that captured them see the change).
+        A clamp_direction plan (identity activation) is stored with a -inf
+        threshold: the thresholded-ReLU columns then pass the projection as is."""
+        thr = plan.threshold
+        if plan.activation == codes.ACT_IDENTITY:
+            thr = torch.full_like(thr, float("-inf"))
+        elif plan.activation != codes.ACT_THRESHOLD_RELU:
+            raise SteeringSpecError(f"activation {codes.ACT_NAMES.get(plan.activation)} cannot be "
+                                    "written into a capacity plan (thresholded ReLU columns)")
+        dev = self.device
+        self.enc_w.index_copy_(0, cols, plan.enc_w.to(device=dev, dtype=self.enc_w.dtype))
+        self.dec_w.index_copy_(0, cols, plan.dec_w.to(device=dev, dtype=self.dec_w.dtype))
+        for name, src in (("enc_b", plan.enc_b), ("threshold", thr), ("max_act", plan.max_act)):
+            getattr(self, name).index_copy_(0, cols, src.to(device=dev, dtype=torch.float32))
+
+    def clear_columns(self, cols: torch.Tensor) -> None:
+        for t in (self.enc_w, self.dec_w, self.enc_b, self.threshold, self.max_act):
+            t.index_fill_(0, cols, 0)
 
     def nbytes(self) -> int:
         extra = sum(t.numel() * t.element_size() for t in self.full_enc) if self.full_enc else 0

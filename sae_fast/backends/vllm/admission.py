@@ -131,7 +131,7 @@ class Admission:
             return
         for name in values:
             self.counters[name]["admitted"] += 1
-        _metrics().admitted.inc()
+            _metrics().admitted.labels(sae=name).inc()
         if self.salt:
             fp = steering_fingerprint(values, self.groups, self.epoch)
             request.cache_salt = combine_salt(request.cache_salt, fp)
@@ -165,13 +165,16 @@ def admit(processor: Any, request: Any) -> None:
 
 
 class _Metrics:
+    """Prometheus counters in the serving process (the OpenAI server's
+    ``/metrics`` shows them): steered requests per attached SAE, rejections."""
+
     def __init__(self) -> None:
         self.admitted = self.rejected = _NoCounter()
         try:
             from prometheus_client import Counter
 
             self.admitted = Counter("sae_fast_steered_requests", "Requests admitted with SAE "
-                                    "steering (sae_fast)")
+                                    "steering (sae_fast), per attached SAE", ["sae"])
             self.rejected = Counter("sae_fast_rejected_requests", "Requests whose SAE steering "
                                     "was rejected at admission (sae_fast)")
         except Exception as err:  # no prometheus_client, or registered twice
@@ -181,6 +184,9 @@ class _Metrics:
 class _NoCounter:
     def inc(self, n: float = 1) -> None:
         pass
+
+    def labels(self, **kw: str) -> "_NoCounter":
+        return self
 
 
 _METRICS: Optional[_Metrics] = None

@@ -3,28 +3,16 @@ JSON-able metadata plus the plan tensors as ``safetensors`` bytes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from sae_fast.plan import SteeringPlan, SteeringSpec
+from sae_fast.plan import PlanSource, SteeringPlan, SteeringSpec
 from sae_fast.sae import SAEWeights
 
 PLAN_TENSORS = ("features", "enc_w", "enc_b", "threshold", "dec_w", "max_act", "default_strengths")
-
-
-@dataclass(frozen=True)
-class SAEInfo:
-    """What a worker-side plan needs to know about its SAE (not its weights)."""
-
-    architecture: str
-    d_in: int
-    d_sae: int
-    k: Optional[int]
-    source: str
 
 
 def plan_payload(plan: SteeringPlan, sae: SAEWeights) -> dict:
@@ -48,7 +36,6 @@ def plan_from_payload(p: Mapping[str, Any]) -> SteeringPlan:
     missing = [n for n in PLAN_TENSORS if n not in t]
     if missing:
         raise ValueError(f"plan payload lacks tensors {missing}")
-    info = SAEInfo(**p["sae"])  # stands in for the SAE: plans only read its metadata
-    return SteeringPlan(spec=SteeringSpec(**p["spec"]), sae=info,  # type: ignore[arg-type]
+    return SteeringPlan(spec=SteeringSpec(**p["spec"]), sae=PlanSource(**p["sae"]),
                         activation=int(p["activation"]), mode_code=int(p["mode_code"]),
                         **{n: t[n] for n in PLAN_TENSORS})

@@ -52,16 +52,7 @@ class LayerSlot:
                  row_index: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
         self.layer = layer
         self.capacity = capacity
-        f32 = dict(dtype=torch.float32, device=device)
-        plan = SteeringPlan(
-            spec=SteeringSpec(features=list(range(capacity)), mode="set"),
-            sae=None,  # type: ignore[arg-type]  (capacity plan: columns are filled at attach)
-            features=torch.arange(capacity, device=device),
-            enc_w=torch.zeros(capacity, hidden_size, dtype=dtype, device=device),
-            enc_b=torch.zeros(capacity, **f32), threshold=torch.zeros(capacity, **f32),
-            dec_w=torch.zeros(capacity, hidden_size, dtype=dtype, device=device),
-            max_act=torch.zeros(capacity, **f32), default_strengths=torch.zeros(capacity, **f32),
-            activation=codes.ACT_THRESHOLD_RELU, mode_code=codes.MODE_SET)
+        plan = SteeringPlan.capacity(capacity, hidden_size, dtype=dtype, device=device)
         self.tables = SteeringTables(plan, max_rows=max_rows, max_tokens=1)
         self.row_index = row_index  # shared by every slot of the engine
         self.calls = torch.zeros(1, dtype=torch.int64, device=device)
@@ -84,23 +75,10 @@ class LayerSlot:
         return cols
 
     def write_columns(self, cols: torch.Tensor, plan: SteeringPlan) -> None:
-        p = self.tables.plan
-        dev = p.enc_w.device
-        thr = plan.threshold
-        if plan.activation == codes.ACT_IDENTITY:  # clamp_direction: f = projection
-            thr = torch.full_like(thr, float("-inf"))
-        elif plan.activation != codes.ACT_THRESHOLD_RELU:
-            raise SteeringSpecError(f"activation {codes.ACT_NAMES.get(plan.activation)} cannot run "
-                                    "in the vLLM backend's compiled graph")
-        p.enc_w.index_copy_(0, cols, plan.enc_w.to(device=dev, dtype=p.enc_w.dtype))
-        p.dec_w.index_copy_(0, cols, plan.dec_w.to(device=dev, dtype=p.dec_w.dtype))
-        for name, src in (("enc_b", plan.enc_b), ("threshold", thr), ("max_act", plan.max_act)):
-            getattr(p, name).index_copy_(0, cols, src.to(device=dev, dtype=torch.float32))
+        self.tables.plan.write_columns(cols, plan)
 
     def clear_columns(self, cols: torch.Tensor) -> None:
-        p = self.tables.plan
-        for t in (p.enc_w, p.dec_w, p.enc_b, p.threshold, p.max_act):
-            t.index_fill_(0, cols, 0)
+        self.tables.plan.clear_columns(cols)
         self.tables.strengths.index_fill_(1, cols, 0)
         self.tables.modes.index_fill_(1, cols, 0)
         self.free_columns = sorted(self.free_columns + cols.tolist())
