@@ -256,3 +256,45 @@ def test_per_row_feature_indices_must_be_integers():
     for bad in (3.7, "3.7", True):
         with pytest.raises(SteeringSpecError, match="is not an integer feature index"):
             t.row_values(2.0, features=[bad])
+
+
+@pytest.mark.parametrize("hook,layer", [("blocks.2.hook_resid_post", 2),
+                                        ("blocks.2.hook_resid_pre", 1),
+                                        ("model.layers.2", 2)])  # not the last: HF norms it
+def test_default_layer_follows_the_sae_hook(tiny, hook, layer):
+    """An SAE trained on blocks.L.hook_resid_pre reads the input of block L,
+    the output of decoder layer L-1: without an explicit layer it steers
+    there, and the residual stream (hidden_states[L]) is where the delta lands."""
+    from dataclasses import replace
+
+    model, tok = tiny
+    sae = replace(random_sae(128, 512, seed=11), hook_name=hook)
+    assert sae.default_layer() == layer
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    with torch.no_grad():
+        clean = model(**enc, output_hidden_states=True).hidden_states
+    with attach(model, sae, features=[3], mode="add") as st:
+        st.set_strengths([[4.0]])
+        with torch.no_grad():
+            steered = model(**enc, output_hidden_states=True).hidden_states
+    # hidden_states[i + 1] is the output of decoder layer i
+    for i in range(len(clean) - 1):
+        if i < layer:
+            torch.testing.assert_close(steered[i + 1], clean[i + 1])
+    delta = steered[layer + 1] - clean[layer + 1]
+    torch.testing.assert_close(delta[0], (4.0 * sae.W_dec[3]).expand_as(delta[0]),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hook,match", [("blocks.0.hook_resid_pre", "reads the embeddings"),
+                                        ("blocks.4.hook_mlp_out", "not the residual stream"),
+                                        ("blocks.3.hook_resid_mid", "not the residual stream"),
+                                        ("model.layers.3.mlp", "not the residual stream")])
+def test_hook_names_we_do_not_understand_are_refused(tiny, hook, match):
+    from dataclasses import replace
+
+    model, _ = tiny
+    sae = replace(random_sae(128, 512, seed=11), hook_name=hook)
+    with pytest.raises(SAELoadError, match=match):
+        attach(model, sae, features=[3], mode="add")
+    attach(model, sae, features=[3], mode="add", layer=1).remove()  # explicit layer: the user's call

@@ -199,6 +199,15 @@ def _stats(t) -> str:
     return f"min {float(t.min()):.4g}  mean {float(t.mean()):.4g}  max {float(t.max()):.4g}"
 
 
+def _hook_layer_or_reason(sae) -> Any:
+    from sae_fast.sae import SAELoadError
+
+    try:
+        return sae.hook_layer
+    except SAELoadError as err:
+        return f"not steerable by default: {err}"
+
+
 def inspect_sae(path: str, features: Optional[Sequence[int]] = None) -> dict:
     from sae_fast.sae import load_sae
 
@@ -206,7 +215,7 @@ def inspect_sae(path: str, features: Optional[Sequence[int]] = None) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in sae.parameters())
     info = {"kind": "sae", "path": str(path), "architecture": sae.architecture, "d_in": sae.d_in,
             "d_sae": sae.d_sae, "k": sae.k, "dtype": str(sae.dtype).replace("torch.", ""),
-            "hook_name": sae.hook_name, "hook_layer": sae.hook_layer,
+            "hook_name": sae.hook_name, "hook_layer": _hook_layer_or_reason(sae),
             "apply_b_dec_to_input": sae.apply_b_dec_to_input,
             "normalize_activations": sae.cfg.get("normalize_activations", "none"),
             "size_mb": nbytes / 2**20,

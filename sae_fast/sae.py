@@ -42,6 +42,29 @@ class SAELoadError(ValueError):
     """An SAE could not be loaded or does not fit the model it is attached to."""
 
 
+def layer_of_hook(hook_name: Optional[str], source: str = "") -> Optional[int]:
+    """See :attr:`SAEWeights.hook_layer`."""
+    if not hook_name:
+        return None
+    where = f" ({source})" if source else ""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook_name)
+    if m:
+        layer = int(m.group(1)) - (1 if m.group(2) == "pre" else 0)
+        if layer < 0:
+            raise SAELoadError(f"hook_name {hook_name!r}{where} reads the embeddings (the input "
+                               "of block 0), which no decoder-layer hook can steer; pass layer=... "
+                               "explicitly if you mean another point of the residual stream")
+        return layer
+    m = re.fullmatch(r"(?:model\.layers|model\.decoder\.layers|model\.language_model\.layers|"
+                     r"transformer\.h|gpt_neox\.layers|transformer\.layers|layers)\.(\d+)",
+                     hook_name)
+    if m:
+        return int(m.group(1))
+    raise SAELoadError(f"hook_name {hook_name!r}{where} is not the residual stream after a "
+                       "decoder layer (understood: blocks.L.hook_resid_post, "
+                       "blocks.L.hook_resid_pre, model.layers.L); pass layer=... explicitly")
+
+
 @dataclass(frozen=True)
 class SAEWeights:
     """Canonical (folded) SAE weights. Never trained: every tensor is frozen."""
@@ -79,12 +102,22 @@ class SAEWeights:
 
     @property
     def hook_layer(self) -> Optional[int]:
-        """Layer index parsed from the hook name (``blocks.12.hook_resid_post``,
-        ``model.layers.15``), or None."""
-        if not self.hook_name:
-            return None
-        m = re.search(r"(?:blocks|layers|h)\.(\d+)", self.hook_name)
-        return int(m.group(1)) if m else None
+        """The decoder layer whose *output* this SAE reads, from its hook name,
+        or None when there is no hook name:
+
+        * ``blocks.L.hook_resid_post``, ``model.layers.L``, ``transformer.h.L``: L;
+        * ``blocks.L.hook_resid_pre``: L - 1 (the input of block L is the output
+          of layer L - 1; ``blocks.0.hook_resid_pre`` reads the embeddings,
+          which no decoder-layer hook can steer: refused);
+        * anything else (``hook_resid_mid``, ``hook_mlp_out``, a submodule...)
+          is refused with an error naming it, never guessed."""
+        return layer_of_hook(self.hook_name, str(self.source))
+
+    def default_layer(self) -> int:
+        """Where steering goes when no layer is given: :attr:`hook_layer`, else
+        the last decoder layer (-1)."""
+        layer = self.hook_layer
+        return -1 if layer is None else layer
 
     def to(self, device: Union[str, torch.device, None] = None,
            dtype: Optional[torch.dtype] = None) -> "SAEWeights":

@@ -92,7 +92,7 @@ class HFSteerer:
         sae = load_sae(sae, device=param.device)
         spec = SteeringSpec.from_dict(spec) if isinstance(spec, dict) else spec
         if layers is None:
-            layers = [sae.hook_layer if sae.hook_layer is not None else -1]
+            layers = [sae.default_layer()]
         resolved = [resolve_layer(int(layer), len(self.layers)) for layer in layers]
         for layer in resolved:
             sae.check_hidden_size(self.hidden_size, layer=layer)

@@ -270,7 +270,7 @@ class VLLMRolloutEngine(RolloutEngine):
             from sae_fast.sae import load_sae
 
             sae = load_sae(sae, device="cpu")
-            layers = [sae.hook_layer if sae.hook_layer is not None else -1]
+            layers = [sae.default_layer()]
         if llm is None:
             from vllm import LLM
 

@@ -89,7 +89,7 @@ class Admission:
                 raise type(err)(f"sae_fast: SAE {e.name!r} (additional_config.sae_fast.saes): "
                                 f"{err}") from None
         steerable = slot_layers(cfg, [e.layer_list() for e in entries], num_layers,
-                                [w.hook_layer for w in loaded])
+                                [w.default_layer() for w in loaded])
         for e, w in zip(entries, loaded):
             group, _ = prepare_group(w, e.spec(), name=e.name, uid=config_uid(e.fingerprint()),
                                      layers=e.layer_list(), num_layers=num_layers,

@@ -108,7 +108,7 @@ def prepare_group(sae: Union[SAEWeights, str, Any], spec: SteeringSpec, *, name:
     names the SAE and the value."""
     weights = load_sae(sae, device="cpu")
     if layers is None:
-        layers = [weights.hook_layer if weights.hook_layer is not None else -1]
+        layers = [weights.default_layer()]
     resolved: list[int] = []
     for x in layers:
         idx = resolve_layer(x, num_layers)

@@ -91,15 +91,15 @@ class _Placement:
 
 
 def slot_layers(cfg: ServeConfig, entries_layers: Sequence[Optional[Sequence[int]]],
-                num_layers: int, hook_layers: Sequence[Optional[int]]) -> list[int]:
+                num_layers: int, default_layers: Sequence[int]) -> list[int]:
     """Layers that get a slot: ``layers`` if given, else the layers of the
-    configured SAEs (an SAE without layer/layers uses its hook layer, else
-    the last layer). No configured layer = no slot."""
+    configured SAEs (an SAE without layer/layers uses its default layer: its
+    hook layer, else the last). No configured layer = no slot."""
     if cfg.layers is not None:
         return sorted({resolve_layer(int(x), num_layers) for x in cfg.layers})
     out: set[int] = set()
-    for layers, hook in zip(entries_layers, hook_layers):
-        for x in (layers if layers is not None else [hook if hook is not None else -1]):
+    for layers, default in zip(entries_layers, default_layers):
+        for x in (layers if layers is not None else [default]):
             out.add(resolve_layer(int(x), num_layers))
     return sorted(out)
 
@@ -139,7 +139,7 @@ class WorkerSteering:
                                 f"{err}") from None
             loaded.append(w)
         self.steerable = slot_layers(cfg, [e.layer_list() for e in entries], self.num_layers,
-                                     [w.hook_layer for w in loaded])
+                                     [w.default_layer() for w in loaded])
         per_layer: dict[int, int] = {}
         prepared: list[AttachedSAE] = []
         for e, w in zip(entries, loaded):
