@@ -265,14 +265,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _server_command(launcher, sae_dir, port):
+def _server_command(launcher, sae_dir, port, stats_dir):
     common = ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
               "--max-model-len", "512", "--seed", "0", "--served-model-name", "tiny"]
     if launcher == "sae-fast serve":
         return [sys.executable, "-m", "sae_fast.cli", "serve", str(tiny_model("llama")),
                 "--sae", sae_dir, "--layer", "1", "--features", *map(str, FEATURES),
-                "--max-activations", *["6"] * 4, "--sae-name", "cfg", *common]
-    block = {"sae_fast": {"saes": [_entry(sae_dir)]}}
+                "--max-activations", *["6"] * 4, "--sae-name", "cfg",
+                "--stats-dir", str(stats_dir), *common]
+    block = {"sae_fast": {"saes": [_entry(sae_dir)], "stats_dir": str(stats_dir)}}
     vllm_cli = Path(sys.executable).with_name("vllm")
     return [str(vllm_cli), "serve", str(tiny_model("llama")), "--worker-extension-cls",
             sv.EXTENSION_QUALNAME, "--additional-config", json.dumps(block), *common]
@@ -289,7 +290,8 @@ def test_openai_server_steers_per_request(tmp_path, sae_dir, launcher):
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_SERVER_DEV_MODE="1")
-    cmd = _server_command(launcher, sae_dir, port)
+    stats_dir = tmp_path / "stats"
+    cmd = _server_command(launcher, sae_dir, port, stats_dir)
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -347,6 +349,11 @@ def test_openai_server_steers_per_request(tmp_path, sae_dir, launcher):
         assert again[0] == fresh[0] and again[1] == pytest.approx(fresh[1], abs=1e-4)
         metrics = requests.get(base + "/metrics", timeout=10).text
         assert 'sae_fast_steered_requests_total{sae="cfg"}' in metrics
+        # the worker's own record: compiled graph, the op ran, steered tokens counted
+        worker = [json.loads(p.read_text()) for p in stats_dir.glob("worker-*.json")]
+        assert worker and worker[0]["compiled"] and worker[0]["failures"] == 0
+        assert worker[0]["op_calls"]["1"] > 0 and worker[0]["steps"] > 0
+        assert worker[0]["groups"]["cfg"]["tokens"] >= 8 * 12
         assert "sae_fast_rejected_requests_total" in metrics
     finally:
         server.terminate()

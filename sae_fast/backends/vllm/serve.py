@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-features", type=int, help="feature columns per layer slot")
     p.add_argument("--max-rows", type=int,
                    help="steering rows (default: the engine's max_num_seqs)")
+    p.add_argument("--stats-dir", metavar="DIR",
+                   help="each worker also writes its steering stats there as JSON")
     p.add_argument("--print-command", action="store_true",
                    help="print the vLLM command and exit")
 
@@ -97,6 +99,8 @@ def sae_block(args: argparse.Namespace) -> dict:
         block["max_features"] = args.max_features
     if args.max_rows is not None:
         block["max_rows"] = args.max_rows
+    if args.stats_dir:
+        block["stats_dir"] = os.path.abspath(args.stats_dir)
     parse(block)
     return block
 
