@@ -37,11 +37,13 @@ $(BUILT): $(STAMP) CMakeLists.txt setup.py pyproject.toml $(wildcard csrc/*.cpp 
 
 build: $(BUILT)
 
+# SAE_FAST_REQUIRE_EXT=1: a C++ extension that does not load fails a test instead of
+# skipping every C++ op test
 test: build
-	$(PY) -m pytest python_tests -m "not slow and not cuda" -q --timeout=900 $(PYTEST_ARGS)
+	SAE_FAST_REQUIRE_EXT=1 $(PY) -m pytest python_tests -m "not slow and not cuda" -q --timeout=900 $(PYTEST_ARGS)
 
 test-slow: build
-	$(PY) -m pytest python_tests -m "slow and not cuda" -q --timeout=1800 $(PYTEST_ARGS)
+	SAE_FAST_REQUIRE_EXT=1 $(PY) -m pytest python_tests -m "slow and not cuda" -q --timeout=1800 $(PYTEST_ARGS)
 
 # The main job on the embedded default: SmolLM2-135M-Instruct + the shipped
 # SAE + the demo task; table on stdout, plots and checkpoints in DEMO_OUT.
