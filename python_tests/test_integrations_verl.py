@@ -162,7 +162,8 @@ def test_disable_sae_is_verls_standard_ppo_which_needs_gpus(tmp_path, sae_dir, m
     cfg = _cfg(tmp_path, sae_dir, **{"data.train_files": [str(train)], "sae.enable": False})
     cmd = launch.standard_ppo_command(cfg)
     assert cmd[1:3] == ["-m", "verl.trainer.main_ppo"] and "algorithm.adv_estimator=grpo" in cmd
-    assert not any("sae" in c for c in cmd[3:] if "worker_extension" in c)
+    # verl's own PPO: none of our steering reaches its rollout engine
+    assert not any("worker_extension" in c or "additional_config" in c for c in cmd[3:]), cmd
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="needs CUDA GPUs"):
             launch.train(cfg, disable_sae=True)
@@ -244,6 +245,29 @@ def _ray_stop():
     subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
 
 
+def _kill_marked(marker: str) -> int:
+    """SIGKILL every process whose environment carries ``marker``. A SIGKILLed
+    driver leaves the vLLM engine processes its Ray actors spawned behind
+    (orphans of 2-3 GB each that `ray stop` does not reach)."""
+    import signal
+
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in env:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
 def _predictor_tensors(step_dir: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -279,8 +303,9 @@ def test_sae_fast_train_engine_verl_end_to_end_with_resume(tmp_path):
     run = tmp_path / "run"
     ckpt2 = run / "checkpoints" / "step_00000002"
     log1 = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    marker = f"SAE_FAST_KILLED_RUN={os.getpid()}-{time.time_ns()}"
+    first = subprocess.Popen(cmd, env=dict(_env(), SAE_FAST_KILLED_RUN=marker.split("=", 1)[1]),
+                             stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 900
         while not (ckpt2 / "manifest.json").exists():
@@ -296,6 +321,7 @@ def test_sae_fast_train_engine_verl_end_to_end_with_resume(tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
         log1.close()
         _ray_stop()
+        _kill_marked(marker)
     stats_dir = run / "verl" / "rollout_stats"
     first_stats = [json.loads(p.read_text()) for p in stats_dir.glob("worker-*.json")]
     assert first_stats and all(s["compiled"] for s in first_stats)

@@ -21,8 +21,8 @@ from typing import Any, Optional
 from sae_fast.backends.requests import request_entries
 from sae_fast.backends.vllm import _compat
 from sae_fast.backends.vllm.config import ServeConfig
-from sae_fast.backends.vllm.groups import (AttachedSAE, combine_salt, prepare_group,
-                                           resolve_request, steering_fingerprint)
+from sae_fast.backends.vllm.groups import (AttachedSAE, combine_salt, resolve_request,
+                                           steering_fingerprint)
 from sae_fast.plan import SteeringSpecError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Admission:
     attach/enable epoch (part of every salt), and counters."""
 
     def __init__(self, vllm_config: Any, cfg: ServeConfig) -> None:
-        from sae_fast.backends.vllm.worker import config_uid, slot_layers
+        from sae_fast.backends.vllm.worker import configured_groups
 
         self.config = cfg
         self.groups: dict[str, AttachedSAE] = {}
@@ -73,34 +73,18 @@ class Admission:
         self.salt = bool(cfg.salt_prefix_cache)
         self.counters: dict[str, dict[str, int]] = {}
         self.rejected = 0
+        if not cfg.saes:
+            return
         hf = vllm_config.model_config.hf_config
         text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-        entries = cfg.named_saes()
-        if not entries:
-            return
-        from sae_fast.sae import load_sae
-
-        num_layers = int(text.num_hidden_layers)
-        loaded = []
-        for e in entries:
-            try:
-                loaded.append(load_sae(e.path, device="cpu"))
-            except Exception as err:
-                raise type(err)(f"sae_fast: SAE {e.name!r} (additional_config.sae_fast.saes): "
-                                f"{err}") from None
-        steerable = slot_layers(cfg, [e.layer_list() for e in entries], num_layers,
-                                [w.default_layer() for w in loaded])
-        for e, w in zip(entries, loaded):
-            group, _ = prepare_group(w, e.spec(), name=e.name, uid=config_uid(e.fingerprint()),
-                                     layers=e.layer_list(), num_layers=num_layers,
-                                     hidden_size=int(text.hidden_size),
-                                     max_features=cfg.max_features, steerable=steerable)
+        _, groups = configured_groups(cfg, int(text.num_hidden_layers), int(text.hidden_size))
+        for group in groups:
             self.add(group)
         log.info("sae_fast: serving with SAEs %s", {n: g.layers for n, g in self.groups.items()})
 
     def add(self, group: AttachedSAE) -> None:
         self.groups[group.name] = group
-        self.counters.setdefault(group.name, {"admitted": 0, "rejected": 0})
+        self.counters.setdefault(group.name, {"admitted": 0})
         self.epoch += 1
 
     def remove(self, name: Optional[str]) -> None:
@@ -123,8 +107,6 @@ class Admission:
             values = self.validate(params)
         except SteeringSpecError as err:
             self.rejected += 1
-            for c in self.counters.values():
-                c["rejected"] += 1
             _metrics().rejected.inc()
             raise rejection(f"sae_fast steering: {err}") from None
         if not values:

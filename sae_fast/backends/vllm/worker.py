@@ -104,6 +104,31 @@ def slot_layers(cfg: ServeConfig, entries_layers: Sequence[Optional[Sequence[int
     return sorted(out)
 
 
+def configured_groups(cfg: ServeConfig, num_layers: int, hidden_size: int
+                      ) -> tuple[list[int], list[AttachedSAE]]:
+    """(slot layers, prepared groups) of the SAEs listed in the config: loaded
+    on the host, checked against the model, errors naming the SAE. The same
+    in the serving process (admission) and in every worker."""
+    from sae_fast.sae import load_sae
+
+    entries = cfg.named_saes()
+    loaded = []
+    for e in entries:  # loaded first: their layers decide where slots go
+        try:
+            loaded.append(load_sae(e.path, device="cpu"))
+        except Exception as err:
+            raise type(err)(f"sae_fast: SAE {e.name!r} (additional_config.sae_fast.saes): "
+                            f"{err}") from None
+    steerable = slot_layers(cfg, [e.layer_list() for e in entries], num_layers,
+                            [w.default_layer() for w in loaded])
+    groups = [prepare_group(w, e.spec(), name=e.name, uid=config_uid(e.fingerprint()),
+                            layers=e.layer_list(), num_layers=num_layers,
+                            hidden_size=hidden_size, max_features=cfg.max_features,
+                            steerable=steerable)[0]
+              for e, w in zip(entries, loaded)]
+    return steerable, groups
+
+
 class WorkerSteering:
     """Steering state of one model runner (one worker / TP rank)."""
 
@@ -126,30 +151,11 @@ class WorkerSteering:
                 f"max_rows >= {max_num_seqs}, or lower max_num_seqs (engine_args(max_rows=N) "
                 "sets both)")
         self.config = cfg
-        entries = cfg.named_saes()
-        # Load the configured SAEs first: their layers decide where slots go.
-        loaded = []
-        for e in entries:
-            from sae_fast.sae import load_sae
-
-            try:
-                w = load_sae(e.path, device="cpu")
-            except Exception as err:
-                raise type(err)(f"sae_fast: SAE {e.name!r} (additional_config.sae_fast.saes): "
-                                f"{err}") from None
-            loaded.append(w)
-        self.steerable = slot_layers(cfg, [e.layer_list() for e in entries], self.num_layers,
-                                     [w.default_layer() for w in loaded])
+        self.steerable, prepared = configured_groups(cfg, self.num_layers, self.hidden_size)
         per_layer: dict[int, int] = {}
-        prepared: list[AttachedSAE] = []
-        for e, w in zip(entries, loaded):
-            group, _ = prepare_group(w, e.spec(), name=e.name, uid=config_uid(e.fingerprint()),
-                                     layers=e.layer_list(), num_layers=self.num_layers,
-                                     hidden_size=self.hidden_size, max_features=cfg.max_features,
-                                     steerable=self.steerable)
+        for group in prepared:
             for x in group.layers:
                 per_layer[x] = per_layer.get(x, 0) + group.k
-            prepared.append(group)
         self.capacity = int(cfg.max_features or max([DEFAULT_MAX_FEATURES if not prepared else 0,
                                                      *per_layer.values()]))
         max_tokens = _compat.max_tokens_per_step(runner, vcfg) + 1024
