@@ -65,7 +65,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, sub, path)
             except ConfigError as err:
                 errors.append(str(err))
-        _fail(path, f"{value!r} does not fit {_type_name(tp)}")
+        reasons = "; ".join(errors)
+        _fail(path, f"{value!r} does not fit {_type_name(tp)} ({reasons})")
     if origin is Literal:
         if value not in args:
             _fail(path, f"{value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -456,7 +457,10 @@ class TrainerConfig(_Section):
     tensorboard: bool = True  # used when torch.utils.tensorboard imports
     val_constant_grid: Optional[list[float]] = None  # effective strengths; default 5 values
     final_eval: bool = True  # unsteered / random / best constant / learned table at the end
-    record_activations: bool = True  # feature activation before/after steering (final eval)
+    # feature activations before/after steering in the final eval; default: on
+    # where the rollout engine can record them (hf), off where it cannot (vllm,
+    # verl); true with an engine that cannot is refused
+    record_activations: Optional[bool] = None
 
     def validate(self) -> None:
         for key in ("total_epochs", "batch_size", "keep_checkpoints"):

@@ -20,7 +20,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_ARCHS = ("llama", "qwen2")
+TINY_ARCHS = ("llama", "qwen2", "gpt2")  # gpt2: a layer structure vLLM steering refuses
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. A question is asked and an answer is given.
 What is the capital of France? Paris is the capital of France. How many legs does a spider have?
@@ -84,7 +84,7 @@ def tiny_model(arch: str = "llama", *, hidden_size: int = 128, num_layers: int =
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+        from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
         tok = tiny_tokenizer(tmp)
         common = dict(vocab_size=len(tok), hidden_size=hidden_size,
@@ -93,7 +93,13 @@ def tiny_model(arch: str = "llama", *, hidden_size: int = 128, num_layers: int =
                       max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=False, torch_dtype="float32")
-        cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+        if arch == "gpt2":
+            cfg = GPT2Config(vocab_size=len(tok), n_embd=hidden_size, n_layer=num_layers,
+                             n_head=num_heads, n_positions=1024, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             tie_word_embeddings=False, torch_dtype="float32")
+        else:
+            cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
         with torch.no_grad():  # larger logits so greedy text is not one repeated token

@@ -176,6 +176,10 @@ def validate(sae: SAEWeights) -> None:
         if sae.threshold is None:
             raise SAELoadError(f"{src}: architecture 'jumprelu' needs a 'threshold' tensor [d_sae]")
         expected["threshold"] = (d_sae,)
+    if d_in != d_sae and tuple(sae.W_dec.shape) == (d_in, d_sae):
+        raise SAELoadError(f"{src}: W_dec has shape {tuple(sae.W_dec.shape)}, which is W_enc's "
+                           f"[d_in, d_sae]: it looks stored transposed; sae-lens stores W_dec "
+                           f"as [d_sae, d_in] = {(d_sae, d_in)}")
     for name, shape in expected.items():
         t = getattr(sae, name)
         if tuple(t.shape) != shape:
@@ -194,7 +198,47 @@ def validate(sae: SAEWeights) -> None:
             raise SAELoadError(f"{src}: topk SAE needs 1 <= k <= d_sae={d_sae}, got k={sae.k}")
 
 
+# cfg.json keys this loader reads, with the type each must have (absent keys
+# take sae-lens's defaults: architecture 'standard', apply_b_dec_to_input true)
+_CFG_TYPES: dict[str, tuple[type, ...]] = {
+    "architecture": (str,), "d_in": (int,), "d_sae": (int,), "k": (int,),
+    "apply_b_dec_to_input": (bool,), "hook_name": (str,), "dtype": (str,),
+    "metadata": (dict,), "activation_fn": (str,), "activation_fn_str": (str,),
+    "activation_fn_kwargs": (dict,), "normalize_activations": (str, type(None)),
+    "rescale_acts_by_decoder_norm": (bool,), "reshape_activations": (str, type(None)),
+}
+# the activation function each architecture computes (sae-lens's activation_fn)
+_ACTIVATIONS = {"standard": ("relu",), "jumprelu": ("relu", "jumprelu"), "topk": ("topk", "relu")}
+
+
+def _check_cfg_types(cfg: dict, src: str) -> None:
+    for key, types in _CFG_TYPES.items():
+        if key not in cfg:
+            continue
+        v = cfg[key]
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        if not ok:
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise SAELoadError(f"{src}: cfg.json key {key!r} must be {want}, got "
+                               f"{type(v).__name__} {v!r}")
+    for key in ("d_in", "d_sae", "k"):
+        if key in cfg and cfg[key] < 1:
+            raise SAELoadError(f"{src}: cfg.json key {key!r} must be >= 1, got {cfg[key]}")
+    if "dtype" in cfg and not isinstance(getattr(torch, cfg["dtype"].replace("torch.", ""), None),
+                                         torch.dtype):
+        raise SAELoadError(f"{src}: cfg.json dtype {cfg['dtype']!r} is not a torch dtype "
+                           "(e.g. 'float32', 'bfloat16')")
+
+
 def _check_cfg(cfg: dict, src: str) -> None:
+    _check_cfg_types(cfg, src)
+    arch = cfg.get("architecture", "standard")
+    for key in ("activation_fn", "activation_fn_str"):
+        fn = cfg.get(key)
+        if fn is not None and arch in _ACTIVATIONS and fn not in _ACTIVATIONS[arch]:
+            raise SAELoadError(f"{src}: {key}={fn!r} is not supported for architecture {arch!r} "
+                               f"(supported: {', '.join(_ACTIVATIONS[arch])}); the fused ops "
+                               "compute ReLU, JumpReLU and TopK encoders only")
     norm = cfg.get("normalize_activations", "none")
     if norm not in IDENTITY_NORMALISATIONS:
         raise SAELoadError(
@@ -212,6 +256,12 @@ def _fold_decoder_norm(W_enc, b_enc, W_dec):
     n = W_dec.float().norm(dim=-1).clamp(min=1e-8)
     return ((W_enc.float() * n).to(W_enc.dtype), (b_enc.float() * n).to(b_enc.dtype),
             (W_dec.float() / n[:, None]).to(W_dec.dtype))
+
+
+def _topk_k(cfg: dict) -> Optional[int]:
+    """k of a TopK SAE: ``k``, else sae-lens's ``activation_fn_kwargs.k``."""
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    return None if k is None else int(k)
 
 
 def from_state(state: dict[str, torch.Tensor], cfg: dict, source: str = "<memory>") -> SAEWeights:
@@ -239,7 +289,7 @@ def from_state(state: dict[str, torch.Tensor], cfg: dict, source: str = "<memory
     return SAEWeights(
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=state["b_dec"], architecture=arch,
         threshold=state.get("threshold") if arch == "jumprelu" else None,
-        k=int(cfg["k"]) if arch == "topk" and cfg.get("k") is not None else None,
+        k=_topk_k(cfg) if arch == "topk" else None,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         hook_name=meta.get("hook_name") or cfg.get("hook_name"), source=source, cfg=dict(cfg))
 
@@ -278,8 +328,8 @@ def load_sae(path: Union[str, Path, Any], device: Union[str, torch.device] = "cp
     except Exception as err:  # safetensors raises its own error types
         raise SAELoadError(f"{w_path}: not a readable safetensors file ({err})") from err
     sae = from_state(state, cfg, source=str(folder))
-    if dtype is None and isinstance(cfg.get("dtype"), str):
-        dtype = getattr(torch, cfg["dtype"].replace("torch.", ""), None)
+    if dtype is None and "dtype" in cfg:  # checked to be a torch dtype name by from_state
+        dtype = getattr(torch, cfg["dtype"].replace("torch.", ""))
     return sae.to(device=device, dtype=dtype)
 
 

@@ -40,6 +40,7 @@ class SteeringStats:
     steered_rows: int = 0  # token rows with a non-off strengths row
     successes: int = 0
     failures: int = 0
+    missed: int = 0  # steps that had to steer but whose op never ran (also failures)
     strength_n: int = 0
     strength_sum: float = 0.0
     strength_sumsq: float = 0.0
@@ -73,6 +74,19 @@ class SteeringStats:
             log.error("steering failed and the model ran unsteered for this step: %s "
                       "(further failures with this reason are only counted)", reason)
 
+    def record_missed(self, reason: str, steps: int = 1) -> None:
+        """``steps`` steps whose steering op never ran although they had
+        steered tokens (a bypassed hook, a graph replayed without the op): a
+        failure, and a warning whenever the count passes a power of two."""
+        with self._lock:
+            before = self.missed
+            self.missed += int(steps)
+            n = self.missed
+        self.record_failure(reason)
+        if before == 0 or n.bit_length() > before.bit_length():
+            log.warning("sae_fast: %d step(s) so far were meant to steer but the steering op "
+                        "did not run: %s", n, reason)
+
     def record_features(self, features: list[int], before: torch.Tensor, after: torch.Tensor) -> None:
         """before/after: [rows, k] activations of the plan's features."""
         b, a = before.detach().float(), after.detach().float()
@@ -100,7 +114,7 @@ class SteeringStats:
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "steered_rows": self.steered_rows,
-                "successes": self.successes, "failures": self.failures,
+                "successes": self.successes, "failures": self.failures, "missed": self.missed,
                 "failure_reasons": dict(self.failure_reasons),
                 "strength_mean": self.strength_mean, "strength_std": self.strength_std,
                 "strength_count": self.strength_n, "steer_time_s": self.steer_time_s,
@@ -108,7 +122,7 @@ class SteeringStats:
 
     def merge(self, other: "SteeringStats") -> "SteeringStats":
         out = SteeringStats()
-        for name in ("steps", "steered_rows", "successes", "failures", "strength_n",
+        for name in ("steps", "steered_rows", "successes", "failures", "missed", "strength_n",
                      "strength_sum", "strength_sumsq", "steer_time_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for src in (self, other):
@@ -120,7 +134,7 @@ class SteeringStats:
     def reset(self) -> None:
         fresh = SteeringStats()
         with self._lock:
-            for name in ("steps", "steered_rows", "successes", "failures", "strength_n",
+            for name in ("steps", "steered_rows", "successes", "failures", "missed", "strength_n",
                          "strength_sum", "strength_sumsq", "steer_time_s"):
                 setattr(self, name, getattr(fresh, name))
             self.failure_reasons.clear()

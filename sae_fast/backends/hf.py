@@ -81,7 +81,13 @@ class HFSteerer:
         self._step = 0
         self._row_index: Optional[torch.Tensor] = None
         self._hooked_layers: set[int] = set()
+        # silent no-op detection: layers that must steer in the current forward
+        # pass, and those whose hook did; checked when the forward returns
+        self._active_layers: set[int] = set()
+        self._expected: set[int] = set()
+        self._ran: set[int] = set()
         self._pre_handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._post_handle = model.register_forward_hook(self._after_forward)
 
     # ------------------------------------------------------------ setup
     def add_sae(self, sae: Union[SAEWeights, str, Any], spec: Union[SteeringSpec, dict], *,
@@ -177,6 +183,7 @@ class HFSteerer:
             s, m = vals[0]
             self.stats.record_strengths(s[m != 0])
         self._rows_in_use = max(self._rows_for(x) for x in self.groups)
+        self._active_layers = {x for grp in self.groups if self._rows_for(grp) for x in grp.layers}
 
     @staticmethod
     def _rows_for(g: SAEGroup) -> int:
@@ -185,6 +192,7 @@ class HFSteerer:
 
     # ------------------------------------------------------------ hooks
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._expected, self._ran = set(), set()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -213,6 +221,20 @@ class HFSteerer:
         if not self.steer_prompt and past_len == 0 and S > 1:
             keep[:, :-1] = False
         self._row_index = torch.where(keep, rows, torch.zeros_like(rows)).reshape(-1).contiguous()
+        if self._enabled:
+            self._expected = set(self._active_layers)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A forward pass that should have steered at a layer whose hook never
+        ran (the hook was removed or bypassed behind the steerer's back, or the
+        layer was skipped) is a failure, never a silent no-op."""
+        missing = self._expected - self._ran
+        self._expected = set()
+        if missing:
+            self.stats.record_missed(
+                f"steering at layer(s) {sorted(missing)} did not run in a forward pass with "
+                "steered rows: the layer hook was removed or bypassed (attached hooks: "
+                f"{sorted(self._hooked_layers)})")
 
     def _make_layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -262,6 +284,7 @@ class HFSteerer:
                     continue
                 before = t.selected_activations(flat) if self.record_activations else None
                 t.apply_(flat, None, row_index, scale=mult)
+                self._ran.add(layer)
                 if before is not None:
                     self.stats.record_features(g.spec.features, before, t.selected_activations(flat))
                 steered = True
@@ -295,6 +318,9 @@ class HFSteerer:
         if self._pre_handle is not None:
             self._pre_handle.remove()
             self._pre_handle = None
+        if self._post_handle is not None:
+            self._post_handle.remove()
+            self._post_handle = None
 
     @property
     def attached(self) -> bool:

@@ -10,7 +10,8 @@ always see one op call:
 
 The path is chosen once per device type, logged once, and can be forced with
 ``SAE_FAST_BACKEND=ext|triton|reference`` (default ``auto``). A path lower than
-the best one for the device counts as a fallback (``fallback_count()``).
+the best one for the device, or other than the forced one, counts as a
+fallback (``fallback_count()``), with one warning per device.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def _triton_usable(device_type: str) -> bool:
 # ---------------------------------------------------------------- selection
 _lock = threading.Lock()
 _selected: dict[str, str] = {}
+# devices whose chosen path is below their best one, or not the forced one
+_fallback_devices: set[str] = set()
 _fallbacks = 0
 
 
@@ -158,6 +161,7 @@ def backend_for(device_type: str) -> str:
         wanted = _preferred(device_type)
         chosen = next((b for b in wanted if _available(b, device_type)), "reference")
         if chosen != wanted[0]:
+            _fallback_devices.add(device_type)
             why = {"ext": _EXT_ERROR or f"sae_fast._C has no {device_type} kernels",
                    "triton": _TRITON_ERROR or "triton unavailable for this device"}.get(wanted[0], "")
             msg = (f"sae_fast ops on {device_type}: {wanted[0]} unavailable ({why}); "
@@ -170,16 +174,12 @@ def backend_for(device_type: str) -> str:
         return chosen
 
 
-def _is_fallback(device_type: str, chosen: str) -> bool:
-    forced = os.environ.get("SAE_FAST_BACKEND", "auto").strip().lower()
-    return forced == "auto" and chosen != _preferred(device_type)[0]
-
-
 def reset_backend_selection() -> None:
     """Forget the per-device choice (tests that flip SAE_FAST_BACKEND use it)."""
     global _fallbacks
     with _lock:
         _selected.clear()
+        _fallback_devices.clear()
         _fallbacks = 0
 
 
@@ -201,7 +201,7 @@ def backend_info() -> dict:
 def _namespace(device_type: str):
     global _fallbacks
     chosen = backend_for(device_type)
-    if not torch.compiler.is_compiling() and _is_fallback(device_type, chosen):
+    if not torch.compiler.is_compiling() and device_type in _fallback_devices:
         _fallbacks += 1
     if chosen == "ext":
         return torch.ops.sae_fast

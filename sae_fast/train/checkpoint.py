@@ -123,12 +123,17 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         atomic_write_text(self.root / LATEST, name + "\n")
-        self._prune()
+        self._prune(int(step))
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, saved: int) -> None:
+        """Keep the ``keep`` newest checkpoints up to the one just saved; those
+        of later steps belong to an attempt this run resumed before, and are
+        redone. The checkpoint ``latest`` names is never deleted."""
         steps = self.list()
-        for path in steps[:-self.keep]:
+        newer = [p for p in steps if int(STEP_DIR.match(p.name).group(1)) > saved]
+        kept = [p for p in steps if p not in newer]
+        for path in newer + kept[:-self.keep]:
             shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ find / load
@@ -171,6 +176,35 @@ class CheckpointManager:
             if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
                 raise CheckpointError(f"{f}: contents do not match the manifest (corrupt checkpoint)")
         return manifest
+
+    def load_valid(self) -> Optional[dict]:
+        """The newest checkpoint that verifies and reads, for a resume: a
+        corrupt or missing latest one is refused with a warning naming it and
+        the reason, and the previous one is used. None when there is none at
+        all; CheckpointError (with every reason) when none is readable."""
+        candidates: list[Path] = []
+        reasons: list[str] = []
+        try:
+            latest = self.latest()
+            if latest is not None:
+                candidates.append(latest)
+        except CheckpointError as err:
+            reasons.append(str(err))
+        candidates += [p for p in reversed(self.list()) if p not in candidates]
+        for path in candidates:
+            try:
+                ck = self.load(path)
+            except CheckpointError as err:
+                reasons.append(str(err))
+                log.warning("checkpoint %s refused: %s; trying the previous one", path.name, err)
+                continue
+            if reasons:
+                log.warning("resuming from %s instead of the latest checkpoint (%s)", path.name,
+                            "; ".join(reasons))
+            return ck
+        if reasons:
+            raise CheckpointError(f"no readable checkpoint under {self.root}: " + "; ".join(reasons))
+        return None
 
     def load(self, path: Optional[Path] = None) -> dict:
         """Verify and read a checkpoint (default: the latest).

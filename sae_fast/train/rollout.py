@@ -57,6 +57,9 @@ def starts_with_bos(texts: Sequence[str], tokenizer: Any) -> bool:
 
 class RolloutEngine(abc.ABC):
     backend = "abstract"
+    # whether set_record_activations(True) records per-feature activations
+    # before/after steering (the HF hooks can; an op inside vLLM's graph cannot)
+    records_activations = False
 
     def __init__(self, features: Optional[Sequence[int]] = None) -> None:
         self.features = list(features) if features is not None else None
@@ -114,6 +117,7 @@ class RolloutEngine(abc.ABC):
 
 
 class HFRolloutEngine(RolloutEngine):
+    records_activations = True
     """transformers ``generate`` with the HF steering backend: one batched call
     per chunk of ``max_batch`` rows, per-row strengths."""
 

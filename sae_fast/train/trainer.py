@@ -104,7 +104,10 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge_step)
-            except Exception:  # tensorboard not installed: metrics.jsonl only
+            except Exception as err:  # tensorboard not installed: metrics.jsonl only
+                log.warning("trainer.tensorboard is true but TensorBoard cannot be used (%s: %s); "
+                            "metrics go to %s only. pip install tensorboard, or set "
+                            "trainer.tensorboard: false", type(err).__name__, err, self.path)
                 self.tb = None
 
     def truncate_after(self, step: int) -> None:
@@ -184,6 +187,17 @@ class Trainer:
         else:
             log.warning("no validation data (data.val_files): validating on the training set")
             self.val_examples = self.train_examples[:cfg.data.max_val_samples or 64]
+        can_record = (self._engine.records_activations if self._engine is not None
+                      else cfg.rollout.backend == "hf")
+        self.record_activations = cfg.trainer.record_activations
+        if self.record_activations is None:
+            self.record_activations = can_record
+        elif self.record_activations and not can_record:
+            backend = self._engine.backend if self._engine is not None else cfg.rollout.backend
+            raise ConfigError(
+                f"trainer.record_activations: true, but the {backend} rollout engine cannot "
+                "record feature activations (its steering op runs inside the engine's graph); "
+                "set it false or use rollout.backend: hf")
         self._load_model()
         self._load_sae()
         self.engine = self._engine or make_engine(cfg, self.model, self.tokenizer, self.sae,
@@ -292,12 +306,12 @@ class Trainer:
             t.requires_grad_(False)
 
     def _restore(self) -> None:
-        path = self.ckpt.latest()
-        if path is None:
+        ck = self.ckpt.load_valid()  # a corrupt latest checkpoint falls back to the previous
+        if ck is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", self.ckpt.root)
             self.step = -1  # metrics rows of the lost attempt are dropped below, then step 0
             return
-        ck = self.ckpt.load(path)
+        path = ck["path"]
         state = ck["state"]
         if self.steer:
             if ck["predictor"] is None:
@@ -583,7 +597,7 @@ class Trainer:
                 "strengths": learned.tolist(),
                 "rewards": final["learned"].rewards}
         atomic_write_text(ev / "strengths.json", json.dumps(data))
-        if self.cfg.trainer.record_activations:
+        if self.record_activations:
             # One pass per question type (data_source): a predictor that pushes
             # one type up and another down would average out in a single mean.
             by_group: dict[str, dict] = {}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sae_fast.backends.common import decoder_layers, resolve_layer
+from sae_fast.backends.common import UnsupportedModelError, decoder_layers, resolve_layer
 from sae_fast.backends.requests import request_entries
 from sae_fast.backends.tables import SteeringTables
 from sae_fast.backends.vllm import _compat
@@ -129,6 +129,31 @@ def configured_groups(cfg: ServeConfig, num_layers: int, hidden_size: int
     return steerable, groups
 
 
+def check_layer_structure(layer: nn.Module, index: int, vcfg: Any) -> None:
+    """Refuse, at engine start, a decoder layer whose forward does not take and
+    return the residual stream as ``(hidden_states, residual)`` (vLLM's Llama,
+    Qwen2, Mistral, Gemma... layers do; GPT-2's returns one tensor). Found
+    later, the failure would surface in the first forward, and in compiled
+    mode buried under dynamo's "Observed exception"."""
+    import inspect
+
+    cls = type(layer)
+    fwd = getattr(cls.forward, "_sae_fast_original", cls.forward)
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return
+    if "residual" not in params:
+        arch = ",".join(getattr(vcfg.model_config.hf_config, "architectures", None) or ["?"])
+        raise UnsupportedModelError(
+            f"sae_fast: vLLM model {arch}: decoder layer {index} is a {cls.__name__}, whose "
+            f"forward{inspect.signature(fwd)} does not carry the residual stream as "
+            "(hidden_states, residual); sae_fast steers vLLM decoder layers of the "
+            "forward(positions, hidden_states, residual) -> (hidden_states, residual) kind "
+            "(Llama, Qwen2, Mistral, Gemma families). Steer this model with the transformers "
+            "backend (sae_fast.attach) instead")
+
+
 class WorkerSteering:
     """Steering state of one model runner (one worker / TP rank)."""
 
@@ -167,6 +192,7 @@ class WorkerSteering:
             if _compat.is_pipeline_placeholder(layer):
                 self.remote.add(i)
                 continue
+            check_layer_structure(layer, i, vcfg)
             from sae_fast.backends.vllm.patch import patch_layer_class
 
             slot = LayerSlot(i, self.hidden_size, self.capacity, self.max_rows, self.row_index,
@@ -194,6 +220,11 @@ class WorkerSteering:
         self.failed_requests: dict[str, str] = {}
         self._high_water = 0
         self._verify: Optional[list] = None  # [slot, calls before the first steered step]
+        # silent no-op detection: every slot's op runs once per forward pass, so
+        # between two checks its call counter must move at least as often as
+        # there were steps with steered tokens (read lazily: no per-step sync)
+        self.steered_steps = 0
+        self._ran_mark: dict[int, tuple[int, int]] = {i: (0, 0) for i in self.slots}
         self._last_log = time.monotonic()
         self._logged_steps = 0
         self._written_steps = -1
@@ -269,10 +300,31 @@ class WorkerSteering:
         self.enabled = bool(enabled)
         return self.enabled
 
+    def check_ran(self) -> dict[int, int]:
+        """Op calls per slot; records as missed the steered steps a slot's op
+        did not run for since the last check (a layer whose patched forward was
+        bypassed, a graph replayed without the op)."""
+        calls = {i: int(s.calls.item()) for i, s in self.slots.items()}
+        short = {}
+        for i, c in calls.items():
+            c0, s0 = self._ran_mark.get(i, (c, self.steered_steps))
+            missing = (self.steered_steps - s0) - (c - c0)
+            if missing > 0:
+                short[i] = missing
+            self._ran_mark[i] = (c, self.steered_steps)
+        if short:
+            self.stats.record_missed(
+                f"sae_fast: the steering op did not run at layer(s) {sorted(short)} on steps "
+                "with steered tokens (its decoder layer's patched forward was bypassed or a "
+                "captured graph lacks the op); those tokens ran unsteered",
+                steps=max(short.values()))
+        return calls
+
     def stats_dict(self, reset: bool = False) -> dict:
+        calls = self.check_ran()
         d = self.stats.as_dict()
         d["features"] = {str(k): v for k, v in d["features"].items()}
-        d["op_calls"] = {str(i): int(s.calls.item()) for i, s in self.slots.items()}
+        d["op_calls"] = {str(i): c for i, c in calls.items()}
         d["active_requests"] = len(self.req_values)
         d["rows_bound"] = len(self.req_rows)
         d["rows_reclaimed"] = self.rows_reclaimed
@@ -323,10 +375,10 @@ class WorkerSteering:
         if self.stats.steps == self._logged_steps:
             return
         self._logged_steps = self.stats.steps
+        calls = self.check_ran()
         log.info("sae_fast: %d steered steps, %d steered tokens, %d failures; per SAE %s; op "
                  "calls per layer %s", self.stats.steps, self.stats.steered_rows,
-                 self.stats.failures, self.group_counts,
-                 {i: int(s.calls.item()) for i, s in self.slots.items()})
+                 self.stats.failures, self.group_counts, calls)
 
     def _step(self, scheduler_output: Any, req_ids: Sequence[str],
               num_scheduled: np.ndarray) -> None:
@@ -369,6 +421,7 @@ class WorkerSteering:
         self._high_water = T
         steered = rows > 0
         self.stats.record_step(int(num_scheduled[steered].sum()))
+        self.steered_steps += 1
         counts = self.group_counts
         for i in np.flatnonzero(steered):
             for name in values[ids[i]]:
