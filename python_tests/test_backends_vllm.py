@@ -183,7 +183,7 @@ def test_compiled_mode_counts_one_op_call_per_step(engines, sae):
         st = steer.stats()
         # One call per forward step (1 prefill + 6 decode steps), inside the compiled graph.
         assert st["op_calls"]["2"] - before["op_calls"]["2"] == 7
-        assert st["steps"] - before["steps"] == 7 and st["failures"] == 0
+        assert st["steps"] - before["steps"] == 7 and st["failures"] == 0, st["failure_reasons"]
         assert st["active_requests"] == 1  # its row is freed when the next step reports it done
         _tokens(llm, PROMPTS[:1], _greedy(n=1))
         assert steer.stats()["active_requests"] == 0
@@ -404,6 +404,98 @@ def test_missing_op_in_the_graph_fails_loudly(sae):
                 _tokens(llm, PROMPTS[:1], _greedy(n=4, steer={"strengths": 4.0}))
     finally:
         del llm
+
+
+def test_op_bypassed_after_the_first_steps_is_counted_as_missed(sae, caplog, tmp_path):
+    """Past the first-step check: a layer whose patched forward stops running
+    the op (its slot hidden mid-run) makes the next stats() report every
+    steered step since the last check as missed, a failure, and a warning.
+    The worker logs and writes its stats every step here, before each forward
+    pass: that step must not count as missed (a false alarm once did)."""
+    import logging
+
+    llm = LLM(model=str(tiny_model("llama")), dtype="float32", max_model_len=512, seed=0,
+              enforce_eager=True, **sv.engine_args(max_features=16, layers=[0, 1, 2, 3],
+                                                   stats_log_interval_s=1e-9,
+                                                   stats_dir=str(tmp_path / "stats")))
+    try:
+        layer = _vllm_model(llm).model.layers[1]
+        with _attach(llm, sae, layer=1) as steer:
+            _tokens(llm, PROMPTS[:1], _greedy(n=4, steer={"strengths": 4.0}))
+            st = steer.stats()
+            assert st["missed"] == 0 and st["failures"] == 0
+            written = json.loads(next((tmp_path / "stats").glob("worker-*.json")).read_text())
+            assert written["steps"] >= 3 and written["missed"] == 0 and written["failures"] == 0
+            slot = getattr(layer, worker.SLOT_ATTR)
+            object.__delattr__(layer, worker.SLOT_ATTR)
+            try:
+                with caplog.at_level(logging.WARNING, logger="sae_fast"):
+                    _tokens(llm, PROMPTS[:1], _greedy(n=5, steer={"strengths": 4.0}))
+                    st = steer.stats()
+            finally:
+                object.__setattr__(layer, worker.SLOT_ATTR, slot)
+            assert st["missed"] == 5 and st["failures"] >= 1  # one per check (here: per step)
+            assert "did not run at layer(s) [1]" in next(iter(st["failure_reasons"]))
+            assert "did not run" in caplog.text
+            _tokens(llm, PROMPTS[:1], _greedy(n=3, steer={"strengths": 4.0}))
+            assert steer.stats()["missed"] == 5  # running again: nothing more missed
+    finally:
+        del llm
+
+
+def test_1000_attach_detach_cycles_leave_the_engine_as_new(engines, sae):
+    """1000 attach/detach cycles on one engine: every feature column and row
+    is free again, no group is left in admission or the workers, the
+    process's RSS stays within 64 MiB, and unsteered output is the output of
+    the engine before any attach."""
+    llm = engines("llama-eager")
+    base = _tokens(llm, PROMPTS[:2], _greedy())
+    ws = getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner,
+                 worker.RUNNER_ATTR)
+    free0 = {i: list(s.free_columns) for i, s in ws.slots.items()}
+
+    def cycle(i):
+        h = _attach(llm, sae, layer=i % 4, features=FEATURES[: 1 + i % 4],
+                    max_activations=MAX_ACT[: 1 + i % 4], name=f"g{i}")
+        if i % 200 == 0:
+            _tokens(llm, PROMPTS[:1], _greedy(n=2, steer={"group": f"g{i}", "strengths": 2.0}))
+        h.detach()
+
+    for i in range(20):
+        cycle(i)
+    rss0 = _rss()
+    for i in range(1000):
+        cycle(i)
+    assert _rss() - rss0 < 64 << 20
+    assert {i: list(s.free_columns) for i, s in ws.slots.items()} == free0
+    assert all(int(s.tables.modes.abs().sum()) == 0 and float(s.tables.plan.dec_w.abs().sum()) == 0
+               for s in ws.slots.values())
+    assert _tokens(llm, PROMPTS[:2], _greedy()) == base
+    # (a finished request's row is freed when the next step reports it done)
+    assert ws.groups == {} and ws.req_values == {} and ws.req_rows == {}
+    assert sorted(ws.free_rows) == list(range(1, ws.max_rows + 1))
+    assert llm.collective_rpc("sae_info")[0]["groups"] == {}
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_unsupported_layer_structure_is_refused_at_engine_start():
+    """vLLM's GPT-2 block returns one tensor, not (hidden_states, residual):
+    the engine refuses to start, naming the model, the layer class and its
+    signature (not a dynamo "Observed exception" at the first forward)."""
+    with pytest.raises(Exception) as info:
+        LLM(model=str(tiny_model("gpt2")), dtype="float32", max_model_len=256, seed=0,
+            **sv.engine_args(max_features=4, layers=[1]))
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    text = "\n".join(chain)
+    assert "GPT2LMHeadModel: decoder layer 1 is a GPT2Block" in text, text[-3000:]
+    assert "forward(self, hidden_states" in text and "transformers backend" in text
 
 
 # ---------------------------------------------------------------- multiprocess

@@ -155,3 +155,25 @@ def test_example_config_loads():
     assert cfg.sae.enable
     assert cfg.sae.features
     assert cfg.algorithm.name in ("grpo", "ppo", "reinforce")
+
+
+@pytest.mark.parametrize("yaml_text,match", [
+    # YAML's .inf is a float: refused as not finite, and the message says so
+    ("sae:\n  selected_features: [1]\n  strengths: [.inf]\n",
+     r"sae\.strengths: \[inf\] does not fit .*sae\.strengths\[0\]: inf is not finite"),
+    # a bare `inf` is a string in YAML: refused as not a number
+    ("sae:\n  selected_features: [1]\n  strengths: [inf]\n",
+     r"sae\.strengths\[0\]: expected a number, got 'inf'"),
+    ("sae:\n  max_activation: .nan\n", r"sae\.max_activation: nan does not fit .*nan is not finite"),
+    ("sae:\n  target_layer: 1.5\n", r"sae\.target_layer: 1\.5 does not fit .*expected an integer"),
+])
+def test_union_errors_keep_their_reason(tmp_path, yaml_text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_record_activations_defaults_to_what_the_backend_can_do():
+    assert Config.from_dict({}).trainer.record_activations is None
+    assert Config.from_dict({"trainer": {"record_activations": False}}).trainer.record_activations is False

@@ -158,3 +158,67 @@ def test_rescale_acts_by_decoder_norm_folded(tmp_path):
     vals, idx = pre.topk(4, dim=-1)
     want = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
     torch.testing.assert_close(sae.encode(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_w_dec_is_named_as_such(tmp_path):
+    st = _state()
+    st["W_dec"] = st["W_dec"].t().contiguous()  # [d_in, d_sae]: W_enc's layout
+    folder = _write(tmp_path / "s", {"architecture": "standard"}, st)
+    with pytest.raises(SAELoadError, match=r"W_dec has shape \(16, 32\).*looks stored transposed.*"
+                                           r"\[d_sae, d_in\] = \(32, 16\)"):
+        load_sae(folder)
+
+
+def test_truncated_weights_file(tmp_path):
+    folder = _write(tmp_path / "s", {"architecture": "standard"}, _state())
+    w = folder / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(SAELoadError, match=r"sae_weights.safetensors: not a readable safetensors"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"d_in": "sixteen"}, r"key 'd_in' must be int, got str 'sixteen'"),
+    ({"d_sae": 32.0}, r"key 'd_sae' must be int, got float 32.0"),
+    ({"d_in": True}, r"key 'd_in' must be int, got bool True"),
+    ({"architecture": 3}, r"key 'architecture' must be str, got int 3"),
+    ({"apply_b_dec_to_input": "false"}, r"'apply_b_dec_to_input' must be bool, got str 'false'"),
+    ({"k": 0, "architecture": "topk"}, r"key 'k' must be >= 1, got 0"),
+    ({"dtype": "bfloat17"}, r"dtype 'bfloat17' is not a torch dtype"),
+    ({"metadata": "blocks.1.hook_resid_post"}, r"key 'metadata' must be dict"),
+    ({"d_sae": 31}, r"cfg says d_sae=31 but W_enc has shape \(16, 32\)"),
+])
+def test_cfg_json_with_wrong_types_is_refused_naming_key_and_value(tmp_path, cfg, match):
+    folder = _write(tmp_path / "s", {"architecture": "standard", **cfg}, _state())
+    with pytest.raises(SAELoadError, match=match):
+        load_sae(folder)
+
+
+def test_cfg_json_missing_keys_take_sae_lens_defaults_except_topk_k(tmp_path):
+    """An empty cfg.json is a standard ReLU SAE with b_dec applied to the input
+    (sae-lens's defaults); a TopK SAE without k is refused."""
+    sae = load_sae(_write(tmp_path / "s", {}, _state()))
+    assert sae.architecture == "standard" and sae.apply_b_dec_to_input and sae.k is None
+    with pytest.raises(SAELoadError, match=r"topk SAE needs 1 <= k <= d_sae=32, got k=None"):
+        load_sae(_write(tmp_path / "t", {"architecture": "topk"}, _state()))
+    # sae-lens's older layout keeps k in activation_fn_kwargs
+    topk = load_sae(_write(tmp_path / "u", {"architecture": "topk", "activation_fn": "topk",
+                                            "activation_fn_kwargs": {"k": 5}}, _state()))
+    assert topk.k == 5
+
+
+@pytest.mark.parametrize("arch,fn", [("standard", "tanh-relu"), ("standard", "topk"),
+                                     ("jumprelu", "gelu"), ("topk", "softplus")])
+def test_unsupported_activation_function_is_refused(tmp_path, arch, fn):
+    folder = _write(tmp_path / "s", {"architecture": arch, "activation_fn": fn, "k": 4},
+                    _state(threshold=arch == "jumprelu"))
+    with pytest.raises(SAELoadError, match=rf"activation_fn='{fn}' is not supported for "
+                                           rf"architecture '{arch}'"):
+        load_sae(folder)
+
+
+def test_supported_activation_functions_load(tmp_path):
+    for arch, fn in (("standard", "relu"), ("jumprelu", "relu"), ("topk", "topk")):
+        folder = _write(tmp_path / arch, {"architecture": arch, "activation_fn_str": fn, "k": 4},
+                        _state(threshold=arch == "jumprelu"))
+        assert load_sae(folder).architecture == arch

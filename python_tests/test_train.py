@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sae_fast.config import ConfigError, load_config
+from sae_fast.plan import SteeringSpecError
 from sae_fast.sae import SAELoadError, load_sae, random_sae, save_sae
 from sae_fast.train import rewards as R
 from sae_fast.train.checkpoint import CheckpointError, CheckpointManager
@@ -569,6 +570,21 @@ def test_user_errors(tiny, task, tmp_path):
         run(make_cfg(task, out, **{"sae.enable": False, "trainer.total_steps": 1,
                                    "trainer.plots": False}), tiny)
         run(make_cfg(task, out, **{"trainer.total_steps": 2}), tiny, resume=True)
+    out = tmp_path / "e9"  # a checkpoint from a run with another predictor
+    run(make_cfg(task, out, **{"trainer.total_steps": 1, "trainer.plots": False,
+                               "trainer.final_eval": False}), tiny)
+    with pytest.raises(CheckpointError, match=r"predictor shape \(input_dim, num_features, "
+                                              r"hidden_size.*\(128, 1, 64, 1, False\) does not "
+                                              r"match this run's \(128, 1, 32, 1, False\)"):
+        run(make_cfg(task, out, **{"trainer.total_steps": 2, "sae.predictor_hidden_size": 32}),
+            tiny, resume=True)
+    with pytest.raises(SteeringSpecError, match="layer 9 is out of range"):
+        run(make_cfg(task, tmp_path / "e10", **{"sae.target_layer": 9}), tiny)
+    # the vLLM rollout engine cannot record per-feature activations: refused
+    # before any engine starts, not silently empty
+    with pytest.raises(ConfigError, match=r"record_activations: true, but the vllm rollout"):
+        run(make_cfg(task, tmp_path / "e11", **{"rollout.backend": "vllm",
+                                                "trainer.record_activations": True}), tiny)
 
 
 def test_mean_ci95():

@@ -237,6 +237,8 @@ def test_async_llm_64_concurrent_requests_each_equal_alone(tmp_path, sae_dir):
                       tmp_path)
     assert res["modes"] == ["ablate", "add", "scale", "set"]
     assert res["concurrent"] == res["alone"]
+    assert res["mixed_errors"] == list(range(4, 64, 8)) and "999" in res["mixed_error_text"]
+    assert all(res["mixed_ok"][i] == res["alone"][i] for i in range(64) if i % 8 != 4)
     steered_idx = [i for i in range(6) if i % 3]
     assert any(res["alone"][i] != res["plain"][i] for i in steered_idx)
     assert all(res["alone"][i] == res["plain"][i] for i in range(6) if i % 3 == 0)

@@ -60,6 +60,15 @@ async def main(model: str, sae_dir: str, out_path: str) -> None:
         alone = [await run(p, e) for p, e in zip(prompts, extras)]
         res["concurrent"] = [c[0] for c in concurrent]
         res["alone"] = [a[0] for a in alone]
+        # The same 64 again, concurrently, with every 8th request made invalid:
+        # those fail (HTTP 400 in a server), every other output is unchanged.
+        broken = [({"sae_features": [999], "sae_group": "cfg"} if i % 8 == 4 else e)
+                  for i, e in enumerate(extras)]
+        mixed = await asyncio.gather(*(run(p, e) for p, e in zip(prompts, broken)),
+                                     return_exceptions=True)
+        res["mixed_errors"] = [i for i, m in enumerate(mixed) if isinstance(m, BaseException)]
+        res["mixed_error_text"] = str(next(m for m in mixed if isinstance(m, BaseException)))
+        res["mixed_ok"] = [None if isinstance(m, BaseException) else m[0] for m in mixed]
         res["plain"] = [(await run(p, None))[0] for p in prompts[:6]]
         st = await sv.stats_async(engine)
         res["stats1"] = {"op_calls": st["op_calls"], "compiled": st["compiled"],

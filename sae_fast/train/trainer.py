@@ -317,13 +317,13 @@ class Trainer:
             if ck["predictor"] is None:
                 raise CheckpointError(f"{path}: no predictor in this checkpoint (was it written by a "
                                       "--disable-sae run?)")
-            if ck["predictor"].config.num_features != self.predictor.config.num_features or \
-                    ck["predictor"].config.input_dim != self.predictor.config.input_dim:
-                raise CheckpointError(f"{path}: predictor shape (input_dim, num_features) = "
-                                      f"({ck['predictor'].config.input_dim}, "
-                                      f"{ck['predictor'].config.num_features}) does not match this "
-                                      f"run's ({self.predictor.config.input_dim}, "
-                                      f"{self.predictor.config.num_features})")
+            shape_keys = ("input_dim", "num_features", "hidden_size", "num_layers", "value_head")
+            theirs = tuple(getattr(ck["predictor"].config, k) for k in shape_keys)
+            ours = tuple(getattr(self.predictor.config, k) for k in shape_keys)
+            if theirs != ours:
+                raise CheckpointError(f"{path}: predictor shape ({', '.join(shape_keys)}) = "
+                                      f"{theirs} does not match this run's {ours}: the checkpoint "
+                                      "was written by a run with another configuration")
             self.predictor.load_state_dict(ck["predictor"].state_dict())
             if ck["optimizer"] is not None:
                 self.optimizer.load_state_dict(ck["optimizer"])

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 # =====================================================================
 def engine_args(max_features: Optional[int] = None, layers: Optional[Sequence[int]] = None,
                 max_rows: Optional[int] = None, saes: Union[None, str, Sequence[dict]] = None,
-                salt_prefix_cache: bool = True,
+                salt_prefix_cache: bool = True, stats_log_interval_s: Optional[float] = None,
+                stats_dir: Optional[str] = None,
                 additional_config: Optional[dict] = None) -> dict:
     """Keyword arguments for ``vllm.LLM(...)`` / ``AsyncEngineArgs`` that make
     an engine steerable: our worker extension and the ``sae_fast`` block of
@@ -48,6 +49,8 @@ def engine_args(max_features: Optional[int] = None, layers: Optional[Sequence[in
         Default: the engine's ``max_num_seqs``.
     saes: SAEs every worker attaches at model load (entries of
         ``additional_config["sae_fast"]["saes"]``, or a YAML/JSON file).
+    stats_log_interval_s: how often each worker logs its statistics (0 = never).
+    stats_dir: a folder where each worker also writes them as JSON, every step.
     """
     block: dict[str, Any] = {}
     if max_features is not None:
@@ -60,6 +63,10 @@ def engine_args(max_features: Optional[int] = None, layers: Optional[Sequence[in
         block["saes"] = saes if isinstance(saes, str) else [dict(e) for e in saes]
     if not salt_prefix_cache:
         block["salt_prefix_cache"] = False
+    if stats_log_interval_s is not None:
+        block["stats_log_interval_s"] = float(stats_log_interval_s)
+    if stats_dir is not None:
+        block["stats_dir"] = str(stats_dir)
     cfg = parse(block)  # fail here, naming the key, not in a worker
     extra = dict(additional_config or {})
     extra[CONFIG_KEY] = cfg.model_dump(exclude_defaults=True)

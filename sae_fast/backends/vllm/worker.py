@@ -224,6 +224,7 @@ class WorkerSteering:
         # between two checks its call counter must move at least as often as
         # there were steps with steered tokens (read lazily: no per-step sync)
         self.steered_steps = 0
+        self._in_flight = 0  # steered steps counted whose forward is still to come
         self._ran_mark: dict[int, tuple[int, int]] = {i: (0, 0) for i in self.slots}
         self._last_log = time.monotonic()
         self._logged_steps = 0
@@ -305,13 +306,14 @@ class WorkerSteering:
         did not run for since the last check (a layer whose patched forward was
         bypassed, a graph replayed without the op)."""
         calls = {i: int(s.calls.item()) for i, s in self.slots.items()}
+        done = self.steered_steps - self._in_flight
         short = {}
         for i, c in calls.items():
-            c0, s0 = self._ran_mark.get(i, (c, self.steered_steps))
-            missing = (self.steered_steps - s0) - (c - c0)
+            c0, s0 = self._ran_mark.get(i, (c, done))
+            missing = (done - s0) - (c - c0)
             if missing > 0:
                 short[i] = missing
-            self._ran_mark[i] = (c, self.steered_steps)
+            self._ran_mark[i] = (c, done)
         if short:
             self.stats.record_missed(
                 f"sae_fast: the steering op did not run at layer(s) {sorted(short)} on steps "
@@ -359,16 +361,22 @@ class WorkerSteering:
         """Refresh rows and the token -> row map before the forward pass (its
         host time is accumulated in stats.steer_time_s)."""
         t0 = time.perf_counter()
+        before = self.steered_steps
         try:
             self._step(scheduler_output, req_ids, num_scheduled)
         finally:
             self.stats.steer_time_s += time.perf_counter() - t0
-        interval = self.config.stats_log_interval_s
-        if interval and time.monotonic() - self._last_log >= interval:
-            self._log_stats()
-        if self.config.stats_dir and self.stats.steps != self._written_steps:
-            self._written_steps = self.stats.steps
-            self.write_stats(Path(self.config.stats_dir))
+        # this step's forward has not run yet: check_ran must not count it
+        self._in_flight = self.steered_steps - before
+        try:
+            interval = self.config.stats_log_interval_s
+            if interval and time.monotonic() - self._last_log >= interval:
+                self._log_stats()
+            if self.config.stats_dir and self.stats.steps != self._written_steps:
+                self._written_steps = self.stats.steps
+                self.write_stats(Path(self.config.stats_dir))
+        finally:
+            self._in_flight = 0
 
     def _log_stats(self) -> None:
         self._last_log = time.monotonic()
