@@ -443,6 +443,28 @@ def test_op_bypassed_after_the_first_steps_is_counted_as_missed(sae, caplog, tmp
         del llm
 
 
+def test_request_rejected_inside_the_worker_is_reported(engines, sae, caplog):
+    """A request admission let through but the worker cannot steer (its SAE
+    detached in the worker between admission and scheduling: the detach race)
+    runs unsteered, and that is a failure in stats() naming the request, and a
+    warning, never silent."""
+    import logging
+
+    llm = engines("llama-eager")
+    ws = getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner,
+                 worker.RUNNER_ATTR)
+    plain = _tokens(llm, PROMPTS[:1], _greedy())
+    with _attach(llm, sae, name="racy") as steer:
+        ws.detach("racy")  # the worker only: admission still lists it
+        with caplog.at_level(logging.WARNING, logger="sae_fast"):
+            out = _tokens(llm, PROMPTS[:1], _greedy(steer={"group": "racy", "strengths": 4.0}))
+        st = steer.stats()
+    assert out == plain
+    assert st["failures"] == 1 and len(st["failed_requests"]) == 1
+    assert "'racy' is not attached" in next(iter(st["failed_requests"].values()))
+    assert "rejected in the worker" in caplog.text
+
+
 def test_1000_attach_detach_cycles_leave_the_engine_as_new(engines, sae):
     """1000 attach/detach cycles on one engine: every feature column and row
     is free again, no group is left in admission or the workers, the

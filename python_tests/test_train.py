@@ -514,6 +514,42 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny, task, tmp_path):
     assert [r["step"] for r in rb if r["kind"] == "val"] == [0, 3, 6]
 
 
+def test_resume_with_a_corrupt_latest_checkpoint_uses_the_previous_one(tiny, task, tmp_path,
+                                                                       caplog):
+    """Killed after step 5 with checkpoints 2 and 4, then step 4's predictor
+    file corrupted: --resume refuses it by name, resumes from step 2, redoes
+    steps 3..6, and ends exactly where an uninterrupted run ends."""
+    import logging
+
+    over = {"trainer.total_steps": 6, "trainer.save_every": 2, "trainer.val_every": 0,
+            "trainer.final_eval": False, "trainer.plots": False, "trainer.keep_checkpoints": 3}
+    run(make_cfg(task, tmp_path / "a", **over), tiny)
+
+    def bomb(trainer, step, metrics):
+        if step == 5:
+            raise Boom
+
+    cfg_b = make_cfg(task, tmp_path / "b", **over)
+    with pytest.raises(Boom):
+        run(cfg_b, tiny, callbacks=[bomb])
+    ck = tmp_path / "b" / "checkpoints"
+    assert CheckpointManager(ck).latest().name == "step_00000004"
+    w = ck / "step_00000004" / "predictor" / "predictor.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\x00\x01\x02\x03")
+    with caplog.at_level(logging.WARNING, logger="sae_fast"):
+        run(cfg_b, tiny, resume=True)
+    assert "step_00000004 refused" in caplog.text and "resuming from step_00000002" in caplog.text
+    a, b = (CheckpointManager(tmp_path / x / "checkpoints").load() for x in ("a", "b"))
+    assert b["state"]["step"] == 6
+    for (k, v), (_, v2) in zip(a["predictor"].state_dict().items(),
+                               b["predictor"].state_dict().items()):
+        assert torch.equal(v, v2), k
+    rows = [r for r in metrics_rows(tmp_path / "b") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["reward/mean"] for r in rows] == \
+        [r["reward/mean"] for r in metrics_rows(tmp_path / "a") if r["kind"] == "train"]
+
+
 def test_disable_sae_runs_the_same_loop_unsteered_and_labelled(tiny, task, tmp_path):
     over = {"trainer.total_steps": 2, "trainer.plots": False}
     steered = run(make_cfg(task, tmp_path / "s", **over), tiny)

@@ -41,7 +41,7 @@ def _finite(name: str, values: Sequence[float]) -> list[float]:
         except (TypeError, ValueError) as err:
             raise SteeringSpecError(f"{name}[{i}] = {v!r} is not a number") from err
         if not math.isfinite(f):
-            raise SteeringSpecError(f"{name}[{i}] = {f} is not finite; NaN/inf strengths are never applied")
+            raise SteeringSpecError(f"{name}[{i}] = {f} is not finite; NaN/inf {name} are never applied")
         out.append(f)
     return out
 
