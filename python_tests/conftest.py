@@ -22,3 +22,13 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer) of the tiny random Llama, in fp32 (test_backends_hf
+    overrides it with a Llama/Qwen2 parametrisation)."""
+    from sae_fast.generate import load_hf
+    from sae_fast.models import tiny_model
+
+    return load_hf(str(tiny_model("llama")))

@@ -154,14 +154,6 @@ def test_size_of_a_user_sized_predictor_is_in_budget():
     assert 10 <= mb <= 50, mb
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from sae_fast.generate import load_hf
-    from sae_fast.models import tiny_model
-
-    return load_hf(str(tiny_model("llama")))
-
-
 def test_predict_strengths_from_input_ids_via_frozen_llm(tiny):
     from sae_fast.train.embeddings import QuestionEmbedder
 

@@ -35,13 +35,6 @@ def _one_thread(one_thread_module):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from sae_fast.generate import load_hf
-
-    return load_hf(str(tiny_model("llama")))
-
-
-@pytest.fixture(scope="module")
 def sae():
     return random_sae(128, 512, seed=11)
 

@@ -35,14 +35,6 @@ def _one_thread(one_thread_module):
 
 # =========================================================================== fixtures
 @pytest.fixture(scope="module")
-def tiny():
-    from sae_fast.generate import load_hf
-    from sae_fast.models import tiny_model
-
-    return load_hf(str(tiny_model("llama")))
-
-
-@pytest.fixture(scope="module")
 def task(tiny, tmp_path_factory):
     from sae_fast.train.synthetic import build_synthetic_task
 

@@ -34,6 +34,7 @@ from sae_fast.sae import SAEWeights, load_sae
 from sae_fast.stats import SteeringStats
 
 log = logging.getLogger(__name__)
+_NOTHING: frozenset = frozenset()
 
 
 @dataclass
@@ -83,8 +84,8 @@ class HFSteerer:
         self._hooked_layers: set[int] = set()
         # silent no-op detection: layers that must steer in the current forward
         # pass, and those whose hook did; checked when the forward returns
-        self._active_layers: set[int] = set()
-        self._expected: set[int] = set()
+        self._active_layers: frozenset[int] = _NOTHING
+        self._expected: frozenset[int] = _NOTHING
         self._ran: set[int] = set()
         self._pre_handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._post_handle = model.register_forward_hook(self._after_forward)
@@ -183,7 +184,8 @@ class HFSteerer:
             s, m = vals[0]
             self.stats.record_strengths(s[m != 0])
         self._rows_in_use = max(self._rows_for(x) for x in self.groups)
-        self._active_layers = {x for grp in self.groups if self._rows_for(grp) for x in grp.layers}
+        self._active_layers = frozenset(x for grp in self.groups if self._rows_for(grp)
+                                        for x in grp.layers)
 
     @staticmethod
     def _rows_for(g: SAEGroup) -> int:
@@ -192,7 +194,8 @@ class HFSteerer:
 
     # ------------------------------------------------------------ hooks
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._expected, self._ran = set(), set()
+        self._expected = _NOTHING
+        self._ran.clear()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -222,14 +225,14 @@ class HFSteerer:
             keep[:, :-1] = False
         self._row_index = torch.where(keep, rows, torch.zeros_like(rows)).reshape(-1).contiguous()
         if self._enabled:
-            self._expected = set(self._active_layers)
+            self._expected = self._active_layers  # replaced, never mutated: no copy
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         """A forward pass that should have steered at a layer whose hook never
         ran (the hook was removed or bypassed behind the steerer's back, or the
         layer was skipped) is a failure, never a silent no-op."""
-        missing = self._expected - self._ran
-        self._expected = set()
+        missing = self._expected - self._ran if self._expected else _NOTHING
+        self._expected = _NOTHING
         if missing:
             self.stats.record_missed(
                 f"steering at layer(s) {sorted(missing)} did not run in a forward pass with "

@@ -309,7 +309,7 @@ class WorkerSteering:
         done = self.steered_steps - self._in_flight
         short = {}
         for i, c in calls.items():
-            c0, s0 = self._ran_mark.get(i, (c, done))
+            c0, s0 = self._ran_mark[i]
             missing = (done - s0) - (c - c0)
             if missing > 0:
                 short[i] = missing
