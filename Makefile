@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv build test test-slow demo demo-tiny bench cuda-check clean
+.PHONY: venv build test test-slow demo demo-tiny bench bench-compare cuda-check clean
 
 venv: $(STAMP)
 
@@ -55,10 +55,24 @@ demo: build
 demo-tiny: build
 	$(VENV)/bin/sae-fast demo --tiny
 
+# The overhead report: every CPU suite in benchmarks/ with threads pinned, one
+# pytest-benchmark JSON per machine and day, then BENCHMARKS.md's generated
+# sections and the plots in docs/ rebuilt from it.
+BENCH_JSON ?= benchmarks/results/$(shell $(PY) benchmarks/harness.py 2>/dev/null || echo cpu)-$(shell date +%Y%m%d).json
 bench: build
-	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only \
-		--benchmark-json=benchmarks/results/cpu.json $(PYTEST_ARGS)
-	$(PY) benchmarks/report.py benchmarks/results/cpu.json
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-only \
+		--benchmark-json=$(BENCH_JSON) $(PYTEST_ARGS)
+	$(PY) benchmarks/report.py update $(BENCH_JSON)
+
+# make bench-compare OLD.json NEW.json: regressions beyond both runs' spread (exit 1)
+ifeq (bench-compare,$(firstword $(MAKECMDGOALS)))
+  COMPARE_ARGS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  $(eval $(COMPARE_ARGS):;@:)
+endif
+bench-compare:
+	@test $(words $(COMPARE_ARGS)) -eq 2 || { echo "usage: make bench-compare OLD.json NEW.json"; exit 2; }
+	$(PY) benchmarks/report.py compare $(COMPARE_ARGS)
 
 cuda-check:
 	bash scripts/cuda_compile_check.sh

@@ -13,6 +13,8 @@
 #   tests_cuda   pytest -m cuda python_tests/test_ops_cuda.py
 #   memcheck     compute-sanitizer memcheck on small steer_/clamp/add cases
 #   bench        benchmarks/bench_ops_gpu.py --json OUTDIR/bench_ops_gpu.json
+#   hf_decode    benchmarks/bench_hf_gpu.py: one HF decode step, random Llama-3-8B
+#                shapes in bf16, batch 1/64/256, unsteered/steered/full-SAE hook
 #   tests_triton python_tests/test_ops_triton.py (compiled Triton, no interpreter)
 #   racecheck    compute-sanitizer racecheck (shared-memory hazards), one case
 #   predictor    benchmarks/bench_predictor.py --skip-train-step (CPU and CUDA rows)
@@ -247,11 +249,15 @@ bench_stage() {
   "$PY" "$ROOT/benchmarks/bench_ops_gpu.py" --json "$OUT/bench_ops_gpu.json" $quick
 }
 
+hf_decode_stage() {
+  "$PY" "$ROOT/benchmarks/bench_hf_gpu.py" --json "$OUT/bench_hf_gpu.json"
+}
+
 predictor_stage() {
   "$PY" "$ROOT/benchmarks/bench_predictor.py" --skip-train-step
 }
 
-export -f predictor_stage build_with_cmake build_with_cpp_extension build_stage tests_cuda_stage tests_triton_stage memcheck_stage racecheck_stage bench_stage
+export -f hf_decode_stage predictor_stage build_with_cmake build_with_cpp_extension build_stage tests_cuda_stage tests_triton_stage memcheck_stage racecheck_stage bench_stage
 export BUDGET_S
 
 {
@@ -267,6 +273,7 @@ if grep -q $'^build\tok' "$STAGES_TSV"; then
   stage tests_cuda 150 30 tests_cuda_stage
   stage memcheck 120 40 memcheck_stage
   stage bench 150 40 bench_stage
+  stage hf_decode 150 60 hf_decode_stage
   stage tests_triton 200 40 tests_triton_stage
   stage racecheck 90 40 racecheck_stage
   stage predictor 60 20 predictor_stage
@@ -287,6 +294,9 @@ if ! "$PY" "$ROOT/benchmarks/bench_ops_gpu.py" --table "$OUT/bench_ops_gpu.json"
   echo "(table printer failed; stage statuses:)"
   cat "$STAGES_TSV"
 fi
+if [[ -f "$OUT/hf_decode.log" ]]; then
+  echo; echo "### HF decode step, random Llama-3-8B shapes, bf16 (bench_hf_gpu.py)"; grep '^|' "$OUT/hf_decode.log" || true
+fi | tee -a "$OUT/summary.md"
 if [[ -f "$OUT/predictor.log" ]]; then
   echo; echo "### predictor (bench_predictor.py, 1 CPU thread)"; grep '^|' "$OUT/predictor.log" || true
 fi | tee -a "$OUT/summary.md"

@@ -1,6 +1,6 @@
 // Schemas of every sae_fast op. Implementations register per device in
 // csrc/cpu/ and csrc/cuda/; the fake (meta) implementations live in
-// sae_fast/ops/_fake.py. All ops mutate `hidden` in place and return nothing,
+// sae_fast/ops/__init__.py (`_noop_fake`). All ops mutate `hidden` in place and return nothing,
 // so they are safe inside CUDA graphs and torch.compile'd regions.
 #include <Python.h>
 #include <torch/library.h>

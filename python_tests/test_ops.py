@@ -238,6 +238,33 @@ def test_dispatch_uses_forced_backend(monkeypatch, backend):
         ops.reset_backend_selection()
 
 
+def test_resolved_op_cache_follows_the_selection(monkeypatch):
+    """Eager calls reuse the resolved op, but only while its backend is still
+    selected: after a reset to SAE_FAST_BACKEND=reference the oracle runs, and
+    after a reset back the compiled op runs again (counted by the oracle)."""
+    if not HAS_EXT:
+        pytest.skip("no extension")
+    case = random_steer_case(5, 64, 3)
+    calls = []
+    real = reference.steer_
+    # the registered oracle op calls it positionally, assert_steer_close by keyword
+    monkeypatch.setattr(reference, "steer_",
+                        lambda *a, **kw: (a and calls.append(1)) or real(*a, **kw))
+    ops.reset_backend_selection()
+    try:
+        for backend, want in (("auto", 0), ("reference", 2), ("auto", 2)):
+            monkeypatch.setenv("SAE_FAST_BACKEND", backend)
+            ops.reset_backend_selection()
+            for _ in range(2):
+                out = clone_case(case)
+                ops.steer_(**out)
+                assert_steer_close(out["hidden"], case, what=backend)
+            assert len(calls) == want, backend
+    finally:
+        monkeypatch.delenv("SAE_FAST_BACKEND")
+        ops.reset_backend_selection()
+
+
 def test_bad_backend_env_is_named(monkeypatch):
     monkeypatch.setenv("SAE_FAST_BACKEND", "fastest")
     ops.reset_backend_selection()

@@ -351,38 +351,87 @@ void add_live_delta(at::Tensor& hidden, const LiveRows& live, const at::Tensor& 
   }
 }
 
+// The GEMM path: pre = x @ enc_w^T for the live rows (one BLAS call), the
+// per-feature coefficients formed by a plain loop in place on pre, then
+// hidden[live] += coef @ dec_w (one more). Three ATen calls in all when every
+// row is live in fp32 (the add of the residual, the two matrix products):
+// the per-op dispatch of an elementwise formulation (a dozen ops) used to
+// cost more than the products themselves up to T * k of a few thousand.
+// Called only after live_tokens_modes, which range-checked row_index and the
+// mode codes.
 void steer_gemm(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                 const at::Tensor& enc_w, const c10::optional<at::Tensor>& enc_b,
                 const c10::optional<at::Tensor>& threshold, const at::Tensor& dec_w,
                 const at::Tensor& max_act, const at::Tensor& strengths, const at::Tensor& modes,
                 const at::Tensor& row_index, const c10::optional<at::Tensor>& topk_kth,
                 int64_t activation, double scale, double lo, double hi) {
-  check_rows_and_modes_values(row_index, &modes, strengths.size(0));
   at::NoGradGuard no_grad;
-  const auto idx_all = row_index.to(at::kLong);
-  const LiveRows live = live_rows(modes.ne(kOff).any(1).index_select(0, idx_all));
-  if (live.size() == 0) return;
-  const auto idx = live.pick(idx_all);
-  const auto m = modes.index_select(0, idx);
-  const auto s = strengths.index_select(0, idx).clamp(lo, hi).mul(scale);
+  const int64_t T_rows = hidden.size(0), k = enc_w.size(0), R = modes.size(0);
+  const int8_t* mt = modes.data_ptr<int8_t>();
+  std::vector<int8_t> row_live(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    int8_t any = 0;
+    for (int64_t c = 0; c < k; ++c) any |= mt[r * k + c] != kOff;
+    row_live[static_cast<size_t>(r)] = any;
+  }
+  std::vector<int64_t> rows;  // table row of each live token, in token order
+  std::vector<int64_t> tokens;  // the live tokens
+  rows.reserve(static_cast<size_t>(T_rows));
+  tokens.reserve(static_cast<size_t>(T_rows));
+  for (int64_t t = 0; t < T_rows; ++t) {
+    const int64_t r = row_index.scalar_type() == at::kInt
+                          ? static_cast<int64_t>(row_index.data_ptr<int32_t>()[t])
+                          : row_index.data_ptr<int64_t>()[t];
+    if (row_live[static_cast<size_t>(r)]) {
+      rows.push_back(r);
+      tokens.push_back(t);
+    }
+  }
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return;
+  LiveRows live;
+  live.all = n == T_rows;
+  if (!live.all) live.index = at::tensor(tokens, at::TensorOptions().dtype(at::kLong));
   const auto hf = live.pick(hidden).to(at::kFloat);  // hidden itself when float32 and all live
   const auto x = residual.has_value() ? hf.add(live.pick(*residual).to(at::kFloat)) : hf;
-  auto pre = x.mm(enc_w.to(at::kFloat).t());
-  if (enc_b.has_value()) pre.add_(*enc_b);
-  at::Tensor f;
-  const auto zero = at::zeros({}, pre.options());
-  if (activation == kThresholdRelu) {
-    f = at::where(threshold.has_value() ? pre.gt(*threshold) : pre.gt(0), pre, zero);
-  } else if (activation == kIdentity) {
-    f = pre;
-  } else {
-    f = at::where(pre.ge(live.pick(*topk_kth).unsqueeze(1)).logical_and(pre.gt(0)), pre, zero);
+  auto pre = at::mm(x, enc_w.to(at::kFloat).t());
+  float* P = pre.data_ptr<float>();
+  const float* b = enc_b.has_value() ? enc_b->data_ptr<float>() : nullptr;
+  const float* thr = threshold.has_value() ? threshold->data_ptr<float>() : nullptr;
+  const float* kth = activation == kTopK ? topk_kth->data_ptr<float>() : nullptr;
+  const float* ma = max_act.data_ptr<float>();
+  const float* st = strengths.data_ptr<float>();
+  const float lo_f = static_cast<float>(lo), hi_f = static_cast<float>(hi);
+  const float scale_f = static_cast<float>(scale);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = rows[static_cast<size_t>(i)];
+    float* pi = P + i * k;
+    for (int64_t c = 0; c < k; ++c) {
+      const float p = b != nullptr ? pi[c] + b[c] : pi[c];
+      float f;
+      if (activation == kThresholdRelu) {
+        f = p > (thr != nullptr ? thr[c] : 0.f) ? p : 0.f;
+      } else if (activation == kIdentity) {
+        f = p;
+      } else {
+        f = (p >= kth[tokens[static_cast<size_t>(i)]] && p > 0.f) ? p : 0.f;
+      }
+      const float s = std::min(std::max(st[r * k + c], lo_f), hi_f) * scale_f;
+      switch (mt[r * k + c]) {
+        case kAdd: pi[c] = s; break;
+        case kSet: pi[c] = s * ma[c] - f; break;
+        case kScale: pi[c] = f * s - f; break;
+        case kAblate: pi[c] = -f; break;
+        default: pi[c] = 0.f;
+      }
+    }
   }
-  auto coef = at::where(m.eq(kAdd), s, zero);
-  coef = at::where(m.eq(kSet), s.mul(max_act).sub(f), coef);
-  coef = at::where(m.eq(kScale), f.mul(s).sub(f), coef);
-  coef = at::where(m.eq(kAblate), f.neg(), coef);
-  add_live_delta(hidden, live, hf, coef.mm(dec_w.to(at::kFloat)));
+  const auto dec = dec_w.to(at::kFloat);
+  if (live.all && hidden.scalar_type() == at::kFloat) {
+    hidden.addmm_(pre, dec);
+  } else {
+    add_live_delta(hidden, live, hf, pre.mm(dec));
+  }
 }
 
 void steer_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,

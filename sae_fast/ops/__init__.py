@@ -180,6 +180,7 @@ def reset_backend_selection() -> None:
     with _lock:
         _selected.clear()
         _fallback_devices.clear()
+        _resolved.clear()
         _fallbacks = 0
 
 
@@ -210,6 +211,26 @@ def _namespace(device_type: str):
     return torch.ops.sae_fast_ref
 
 
+# (device type, op name) -> (backend, the resolved OpOverload), for eager
+# calls: at decode sizes an op call is a few thousand FLOPs, so the Python
+# above the kernel is most of its cost (BENCHMARKS.md, dispatch floor). An
+# entry is used only while its backend is still the device's selection.
+_resolved: dict = {}
+
+
+def _op(name: str, device_type: str):
+    if torch.compiler.is_compiling():  # traced once: dynamo sees the selection
+        return getattr(_namespace(device_type), name)
+    hit = _resolved.get((device_type, name))
+    if hit is not None and hit[0] == _selected.get(device_type):
+        return hit[1]
+    packet = getattr(_namespace(device_type), name)  # selects, counts a fallback
+    op = getattr(packet, "default", packet)  # triton_steer's ops may be plain callables
+    if device_type not in _fallback_devices:  # fallback calls are counted each time
+        _resolved[(device_type, name)] = (_selected.get(device_type), op)
+    return op
+
+
 # ---------------------------------------------------------------- public ops
 def steer_(
     hidden: torch.Tensor,
@@ -232,7 +253,7 @@ def steer_(
 
     See ``reference.steer_`` for the exact semantics and shapes.
     """
-    _namespace(hidden.device.type).steer_(
+    _op("steer_", hidden.device.type)(
         hidden, residual, enc_w, enc_b, threshold, dec_w, max_act, strengths, modes, row_index,
         topk_kth, int(activation), float(scale), float(min_strength), float(max_strength))
 
@@ -250,7 +271,7 @@ def clamp_direction_(
     max_strength: float = float("inf"),
 ) -> None:
     """h' = h - (x.u)u + s*max_act*u for unit directions u, in place on ``hidden``."""
-    _namespace(hidden.device.type).clamp_direction_(
+    _op("clamp_direction_", hidden.device.type)(
         hidden, residual, directions, max_act, strengths, modes, row_index, float(scale),
         float(min_strength), float(max_strength))
 
@@ -258,6 +279,6 @@ def clamp_direction_(
 def add_vectors_(hidden: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor,
                  row_index: torch.Tensor) -> None:
     """hidden[t] += sum_j weights[row_index[t], j] * vectors[j], in place."""
-    _namespace(hidden.device.type).add_vectors_(hidden, vectors, weights, row_index)
+    _op("add_vectors_", hidden.device.type)(hidden, vectors, weights, row_index)
 
 
