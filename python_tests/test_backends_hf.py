@@ -203,6 +203,24 @@ def test_stats_and_activation_summaries(tiny, sae):
     assert all(f["after_max"] >= 6.0 for f in d["features"].values())  # set to 6*s
 
 
+def test_profiled_time_counts_every_hook(tiny, sae, monkeypatch):
+    """With profile=True, stats.steer_time_s holds the row-map pre-hook, each
+    steered layer's hook and the missed-step check: a clock that advances by
+    exactly 1 s per reading makes each timed hook add exactly 1 s."""
+    import sae_fast.backends.hf as hf
+
+    model, tok = tiny
+    enc = tok(list(PROMPTS[:2]), return_tensors="pt", padding=True)
+    with attach(model, sae, spec=_spec(), layers=[0, 1], profile=True) as st:
+        st.set_strengths([[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]])
+        ticks = iter(range(10**6))
+        monkeypatch.setattr(hf.time, "perf_counter", lambda: float(next(ticks)))
+        with torch.no_grad():
+            model(**enc)
+        monkeypatch.undo()
+        assert st.stats.steer_time_s == pytest.approx(4.0)  # pre + 2 layers + post
+
+
 def test_failure_is_counted_not_silent(tiny, sae, caplog):
     model, tok = tiny
     with attach(model, sae, spec=_spec(), layer=1, max_batch=2) as st:

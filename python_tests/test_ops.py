@@ -1,6 +1,7 @@
 """The compiled C++ CPU ops and the dispatch layer against the reference oracle."""
 
 import itertools
+import os
 import zlib
 import re
 from pathlib import Path
@@ -27,6 +28,26 @@ def test_extension_loads_when_it_is_required():
     assert HAS_EXT, f"sae_fast._C did not load: {ops.backend_info()['extension_error']}"
 
 
+def _gemm(T: int, k: int, d: int) -> bool:
+    """Whether the C++ CPU op takes its GEMM path for T live rows."""
+    return T * k * d >= torch.ops.sae_fast.cpu_gemm_min_work()
+
+
+@needs_ext
+def test_gemm_threshold_env_is_read_and_checked(tmp_path):
+    """SAE_FAST_CPU_GEMM_MIN_WORK sets the CPU path threshold (read once) and
+    a bad value is refused by name."""
+    import subprocess
+    import sys
+    code = "import sae_fast.ops, torch; print(torch.ops.sae_fast.cpu_gemm_min_work())"
+    env = dict(os.environ, SAE_FAST_CPU_GEMM_MIN_WORK="1234")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "1234", out.stderr[-2000:]
+    env["SAE_FAST_CPU_GEMM_MIN_WORK"] = "lots"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "SAE_FAST_CPU_GEMM_MIN_WORK=lots" in out.stderr
+
+
 def test_codes_match_cpp_header():
     header = (Path(__file__).parents[1] / "csrc" / "steer_codes.h").read_text()
     for name, value in [("kOff", codes.MODE_OFF), ("kAdd", codes.MODE_ADD), ("kSet", codes.MODE_SET),
@@ -38,11 +59,15 @@ def test_codes_match_cpp_header():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,k,n_live", [(16, 32, 0), (16, 32, 3), (256, 32, 1), (64, 8, 40)])
+@pytest.mark.parametrize("T,k,n_live", [(16, 32, 0), (16, 8, 3), (256, 32, 1), (64, 8, 2),
+                                         (64, 8, 40)])
 def test_few_live_rows_at_large_t_times_k(dtype, T, k, n_live):
-    """T*k >= 512 with few live rows (the vLLM decode step: many tokens, most
-    unsteered) takes the row path, and an all-unsteered batch returns at once:
-    both still match the reference, and off rows stay bit-identical."""
+    """A batch over the GEMM threshold with few live rows (the vLLM decode
+    step: many tokens, most unsteered) takes the row path when the live rows'
+    work is under it, else the GEMM path on the gathered live rows; an
+    all-unsteered batch returns at once. All match the reference, and off
+    rows stay bit-identical."""
+    assert _gemm(T, k, 576)
     seed = zlib.crc32(f"few-live-{dtype}-{T}-{k}-{n_live}".encode())
     g = torch.Generator().manual_seed(seed)
     case = random_steer_case(T, 576, k, R=8, dtype=dtype, seed=seed)
@@ -66,12 +91,24 @@ def test_few_live_rows_at_large_t_times_k(dtype, T, k, n_live):
     assert torch.equal(h[rows == 0], case["hidden"][rows == 0])
 
 
+MATCH_SHAPES = [(1, 64, 1), (3, 123, 7), (64, 576, 64), (1000, 64, 7), (1, 4096, 3),
+                (17, 4096, 7), (1, 20, 600), (5, 123, 600)]
+
+
+@needs_ext
+def test_reference_shapes_cover_both_cpu_paths():
+    paths = {(_gemm(T, k, d), d >= 4096, k > 512) for T, d, k in MATCH_SHAPES}
+    assert {(False, True, False), (True, True, False), (False, False, True),
+            (True, False, True)} <= paths, paths
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,d,k", [(1, 64, 1), (3, 123, 7), (64, 576, 64), (1000, 64, 7),
-                                   (17, 4096, 7), (5, 123, 600)])
+@pytest.mark.parametrize("T,d,k", MATCH_SHAPES)
 @pytest.mark.parametrize("activation", [codes.ACT_THRESHOLD_RELU, codes.ACT_IDENTITY, codes.ACT_TOPK])
 def test_steer_cpu_matches_reference(dtype, T, d, k, activation):
+    """Both CPU paths (the shapes fall on either side of the GEMM threshold,
+    k > 512 included: the row path's heap buffer) against the oracle."""
     seed = zlib.crc32(f"{dtype}-{T}-{d}-{k}-{activation}".encode())
     for residual, idx in itertools.product([True, False], [torch.int32, torch.int64]):
         case = random_steer_case(T, d, k, dtype=dtype, residual=residual, idx_dtype=idx,
@@ -83,10 +120,11 @@ def test_steer_cpu_matches_reference(dtype, T, d, k, activation):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,d,k", [(40, 123, 16), (256, 576, 8)])
+@pytest.mark.parametrize("T,d,k", [(150, 123, 16), (256, 576, 8)])
 def test_steer_cpu_gemm_path_with_every_row_live(dtype, T, d, k):
-    """T*k >= 512 takes the GEMM path; with no off row it adds the delta to
-    hidden in place instead of gathering and scattering the live rows."""
+    """T*k*d over the threshold takes the GEMM path; with no off row it adds
+    the delta to hidden in place instead of gathering and scattering."""
+    assert _gemm(T, k, d)
     seed = zlib.crc32(f"all-live-{dtype}-{T}-{d}-{k}".encode())
     for residual in (True, False):
         case = random_steer_case(T, d, k, dtype=dtype, residual=residual, seed=seed,
@@ -300,11 +338,12 @@ def test_ops_under_torch_compile_have_no_graph_break():
 
 @needs_ext
 def test_gemm_path_bad_values_are_named():
-    case = random_steer_case(100, 64, 8)  # T * k >= 512: the GEMM path
+    assert _gemm(600, 8, 64)
+    case = random_steer_case(600, 64, 8)
     case["row_index"][37] = 11
     with pytest.raises(RuntimeError, match=r"row_index\[37\] = 11 is outside \[0, 4\)"):
         torch.ops.sae_fast.steer_(**case)
-    case = random_steer_case(100, 64, 8)
+    case = random_steer_case(600, 64, 8)
     case["modes"][2, 5] = -3
     with pytest.raises(RuntimeError, match=r"modes\[2, 5\] = -3 is not a mode code"):
         torch.ops.sae_fast.steer_(**case)

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "steer_common.h"
@@ -247,10 +248,29 @@ void dispatch_types(const at::Tensor& hidden, const at::Tensor& row_index, Fn&& 
   }
 }
 
-// Large batches (prefill): at T * k >= kGemmMinWork a BLAS GEMM on the
-// selected features beats the row kernel (measured in benchmarks/bench_ops_cpu.py);
-// temporaries are allocated here, which the decode-sized path above never does.
-constexpr int64_t kGemmMinWork = 512;
+// Large batches (prefill): once the live work T * k * d reaches
+// gemm_min_work(), a BLAS GEMM on the selected features beats the row kernel
+// (crossover measured by benchmarks/cpu_crossover.py);
+// temporaries are allocated there, which the decode-sized row path never does.
+// SAE_FAST_CPU_GEMM_MIN_WORK overrides the default (read once).
+// On an AVX2 EPYC (1 thread, -march=native) the GEMM path, three ATen calls
+// into the BLAS, is faster from about T * k * d = 16k multiply-adds (T=1,
+// d=576, k=32: 31 vs 58 us; T=1, d=576, k=8: 24 vs 23 us; T=16, d=4096, k=8:
+// 155 vs 284 us): the BLAS kernels beat the row kernel's FMA loops.
+constexpr int64_t kGemmMinWorkDefault = 16384;
+
+int64_t gemm_min_work() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("SAE_FAST_CPU_GEMM_MIN_WORK");
+    if (env == nullptr || *env == '\0') return kGemmMinWorkDefault;
+    char* end = nullptr;
+    const long long x = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != nullptr && *end == '\0' && x >= 0, "SAE_FAST_CPU_GEMM_MIN_WORK=", env,
+                " is not a non-negative integer");
+    return static_cast<int64_t>(x);
+  }();
+  return v;
+}
 
 // Token rows whose table row has any live entry (a mode other than off, or a
 // nonzero weight), counted with plain loops: no ATen op, no allocation, so an
@@ -444,11 +464,12 @@ void steer_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                                      strengths, modes, row_index, topk_kth, activation,
                                      min_strength, max_strength);
   if (hidden.size(0) == 0 || k == 0) return;
-  if (hidden.size(0) * k >= kGemmMinWork) {
+  const int64_t d = hidden.size(1), min_work = gemm_min_work();
+  if (hidden.size(0) * k * d >= min_work) {
     // The GEMM pays off only for the live rows; few live rows take the row path.
     const int64_t n_live = live_tokens_modes(row_index, modes);
     if (n_live == 0) return;
-    if (n_live * k >= kGemmMinWork) {
+    if (n_live * k * d >= min_work) {
       steer_gemm(hidden, residual, enc_w, enc_b, threshold, dec_w, max_act, strengths, modes,
                  row_index, topk_kth, activation, scale, min_strength, max_strength);
       return;
@@ -478,10 +499,10 @@ void clamp_direction_cpu(at::Tensor& hidden, const c10::optional<at::Tensor>& re
   const int64_t k = check_clamp_direction_args(hidden, residual, directions, max_act, strengths,
                                                modes, row_index, min_strength, max_strength);
   if (hidden.size(0) == 0 || k == 0) return;
-  const int64_t n_live =
-      hidden.size(0) * k >= kGemmMinWork ? live_tokens_modes(row_index, modes) : 0;
-  if (hidden.size(0) * k >= kGemmMinWork && n_live == 0) return;
-  if (n_live * k >= kGemmMinWork) {
+  const int64_t work = hidden.size(0) * k * hidden.size(1), min_work = gemm_min_work();
+  const int64_t n_live = work >= min_work ? live_tokens_modes(row_index, modes) : 0;
+  if (work >= min_work && n_live == 0) return;
+  if (n_live * k * hidden.size(1) >= min_work) {
     steer_gemm(hidden, residual, directions, c10::nullopt, c10::nullopt, directions, max_act,
                strengths, modes, row_index, c10::nullopt, kIdentity, scale, min_strength,
                max_strength);
@@ -507,9 +528,10 @@ void add_vectors_cpu(at::Tensor& hidden, const at::Tensor& vectors, const at::Te
   const int64_t k = check_add_vectors_args(hidden, vectors, weights, row_index);
   const int64_t T_rows = hidden.size(0), d = hidden.size(1), R = weights.size(0);
   if (T_rows == 0 || k == 0) return;
-  const int64_t n_live = T_rows * k >= kGemmMinWork ? live_tokens_weights(row_index, weights) : 0;
-  if (T_rows * k >= kGemmMinWork && n_live == 0) return;
-  if (n_live * k >= kGemmMinWork) {
+  const int64_t min_work = gemm_min_work();
+  const int64_t n_live = T_rows * k * d >= min_work ? live_tokens_weights(row_index, weights) : 0;
+  if (T_rows * k * d >= min_work && n_live == 0) return;
+  if (n_live * k * d >= min_work) {
     check_rows_and_modes_values(row_index, nullptr, R);
     at::NoGradGuard no_grad;
     const auto idx_all = row_index.to(at::kLong);
@@ -570,6 +592,11 @@ void add_vectors_cpu(at::Tensor& hidden, const at::Tensor& vectors, const at::Te
 }
 
 }  // namespace
+
+// The CPU path threshold, for tests that pick shapes on either side of it.
+TORCH_LIBRARY_FRAGMENT(sae_fast, m) {
+  m.def("cpu_gemm_min_work() -> int", [] { return gemm_min_work(); });
+}
 
 TORCH_LIBRARY_IMPL(sae_fast, CPU, m) {
   m.impl("steer_", &steer_cpu);

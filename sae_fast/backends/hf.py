@@ -73,7 +73,7 @@ class HFSteerer:
         self.schedule_steps = schedule_steps
         self.on_error = on_error
         self.record_activations = record_activations
-        self.profile = profile  # accumulate host time inside the hooks in stats.steer_time_s
+        self.profile = profile  # accumulate host time inside all its hooks in stats.steer_time_s
         self.groups: list[SAEGroup] = []
         self.stats = SteeringStats()
         self._enabled = True
@@ -81,14 +81,16 @@ class HFSteerer:
         self._rows_in_use = 0
         self._step = 0
         self._row_index: Optional[torch.Tensor] = None
+        self._arange: dict = {}
         self._hooked_layers: set[int] = set()
         # silent no-op detection: layers that must steer in the current forward
         # pass, and those whose hook did; checked when the forward returns
         self._active_layers: frozenset[int] = _NOTHING
         self._expected: frozenset[int] = _NOTHING
         self._ran: set[int] = set()
-        self._pre_handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self._post_handle = model.register_forward_hook(self._after_forward)
+        self._pre_handle = model.register_forward_pre_hook(self._timed(self._before_forward),
+                                                           with_kwargs=True)
+        self._post_handle = model.register_forward_hook(self._timed(self._after_forward))
 
     # ------------------------------------------------------------ setup
     def add_sae(self, sae: Union[SAEWeights, str, Any], spec: Union[SteeringSpec, dict], *,
@@ -216,14 +218,20 @@ class HFSteerer:
             self._row_index = None
             self.stats.record_failure(f"batch of {B} rows exceeds max_batch={self.max_batch}")
             return
-        rows = torch.arange(1, B + 1, dtype=torch.int32, device=device)[:, None].expand(B, S)
+        # token -> table row: row b+1 for batch row b, 0 (no-op) for padding;
+        # two small ops per forward (this runs every decode step)
+        rows = self._arange.get((B, device))
+        if rows is None:
+            rows = torch.arange(1, B + 1, dtype=torch.int32, device=device)[:, None]
+            self._arange = {(B, device): rows}  # one batch size at a time
         mask = kwargs.get("attention_mask")
-        keep = torch.ones(B, S, dtype=torch.bool, device=device)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
-            keep &= mask[:, -S:].to(torch.bool)
+            row_index = rows * mask[:, -S:].ne(0)  # int32 [B, S], a new tensor
+        else:
+            row_index = rows.expand(B, S).contiguous()  # a copy: expand has stride 0
         if not self.steer_prompt and past_len == 0 and S > 1:
-            keep[:, :-1] = False
-        self._row_index = torch.where(keep, rows, torch.zeros_like(rows)).reshape(-1).contiguous()
+            row_index[:, :-1] = 0
+        self._row_index = row_index.view(-1)
         if self._enabled:
             self._expected = self._active_layers  # replaced, never mutated: no copy
 
@@ -238,6 +246,20 @@ class HFSteerer:
                 f"steering at layer(s) {sorted(missing)} did not run in a forward pass with "
                 "steered rows: the layer hook was removed or bypassed (attached hooks: "
                 f"{sorted(self._hooked_layers)})")
+
+    def _timed(self, fn):
+        """``fn`` with its host time added to stats.steer_time_s when profiling,
+        so that the counter holds every hook the steerer runs (the row-map
+        pre-hook and the missed-step check included, not only the layer hooks)."""
+        def hook(*args: Any) -> Any:
+            if not self.profile:
+                return fn(*args)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.stats.steer_time_s += time.perf_counter() - t0
+        return hook
 
     def _make_layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
