@@ -49,7 +49,7 @@ SHAPES = (
     + [(T, *SMALL[:1], 32, SMALL[1], "float32", True) for T in (1, 16, 64, 256)]
     + [(16, SMALL[0], k, SMALL[1], "float32", True) for k in (1, 64, 128)]
     + [(16, SMALL[0], 8, SMALL[1], "bfloat16", True), (64, SMALL[0], 64, SMALL[1], "bfloat16", True)]
-    + [(1, LARGE[0], 8, LARGE[1], "float32", True), (16, LARGE[0], 8, LARGE[1], "float32", True),
+    + [(1, LARGE[0], 8, LARGE[1], "float32", True), (16, LARGE[0], 8, LARGE[1], "float32", False),
        (16, LARGE[0], 8, LARGE[1], "bfloat16", False), (256, LARGE[0], 64, LARGE[1], "float32", False),
        (256, LARGE[0], 64, LARGE[1], "bfloat16", False)]
 )
@@ -162,7 +162,7 @@ def test_steer_step(benchmark, T, d, k, d_sae, dtype, full):
     record(benchmark, _group(T, d, k, d_sae, dtype), cands, baseline="torch_minimal",
            suite="ops", info=dict(op="steer_", T=T, d=d, k=k, d_sae=d_sae, dtype=dtype,
                                   mode="set"),
-           rounds=11, target_s=0.01)
+           rounds=9, target_s=0.005)
 
 
 @pytest.mark.parametrize("T,d,k", [(16, 576, 8), (64, 4096, 64)])

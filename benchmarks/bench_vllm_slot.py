@@ -10,14 +10,16 @@ default 32 feature columns, SmolLM2's d=576, fp32):
     all_live    every token steered
     floor       a one-element ``add_``: the dispatch floor of any torch op
 
-    pytest benchmarks/bench_vllm_slot.py --benchmark-enable
-"""
+    pytest benchmarks/bench_vllm_slot.py --benchmark-enable --benchmark-only
 
-import platform
+The candidates of a group are timed interleaved (``harness.record``); the
+baseline is the floor.
+"""
 
 import pytest
 import torch
 
+from harness import record
 from sae_fast.backends.vllm import LayerSlot
 from sae_fast.plan import SteeringSpec, build_plan
 from sae_fast.sae import random_sae
@@ -42,15 +44,13 @@ def _slot(T: int, live: str):
 
 
 @pytest.mark.parametrize("T", [1, 16, 64, 256])
-@pytest.mark.parametrize("case", ["unsteered", "one_live", "all_live", "floor"])
-def test_slot_step(benchmark, T, case):
-    benchmark.group = f"vLLM layer slot per step, T={T} d={D} K={K} fp32"
-    benchmark.extra_info.update(machine=platform.processor() or platform.machine(),
-                                torch=torch.__version__, threads=torch.get_num_threads(),
-                                T=T, d=D, K=K, rows=ROWS, case=case)
-    if case == "floor":
-        x = torch.zeros(1)
-        benchmark(x.add_, 1.0)
-        return
-    slot, h, r = _slot(T, case)
-    benchmark(slot.apply_, h, r)
+def test_slot_step(benchmark, T):
+    x = torch.zeros(1)
+    cands = {"floor": lambda: x.add_(1.0)}
+    for case in ("unsteered", "one_live", "all_live"):
+        slot, h, r = _slot(T, case)
+        cands[case] = (lambda slot=slot, h=h, r=r: slot.apply_(h, r))
+    record(benchmark, f"vLLM layer slot per step, T={T} d={D} K={K} fp32", cands,
+           baseline="floor", suite="ops",
+           info=dict(op="LayerSlot.apply_", T=T, d=D, k=K, rows=ROWS, dtype="float32"),
+           rounds=9, target_s=0.005)

@@ -73,36 +73,62 @@ def _spread(c: dict) -> float:
 
 # ------------------------------------------------------------------ tables
 def suite_table(groups: dict, suite: str) -> str:
-    """One row per group, one column per candidate: median and paired ratio."""
+    """Per suite, one table per set of candidates: a row per group, a column
+    per candidate with its median and paired ratio."""
     rows = [(g, i) for g, i in groups.items() if i["suite"] == suite]
     if not rows:
         return "_(not measured in this run)_"
     if suite == "memory":
         return _memory_table(rows)
-    cols: list[str] = []
-    for _, info in rows:
-        for c in info["paired"]["candidates"]:
-            if c not in cols:
-                cols.append(c)
-    tok = any("tokens_per_call" in i for _, i in rows)
-    head = ["group", "baseline"] + cols + ["max spread"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(cols) + 1)]
+    clusters: "OrderedDict[tuple, list]" = OrderedDict()
+    single = []  # measurements without candidates (a breakdown of one run)
+    for g, info in rows:
+        if "paired" in info:
+            clusters.setdefault(tuple(info["paired"]["candidates"]), []).append((g, info))
+        else:
+            single.append((g, info))
+    out = [_table(cols, members) for cols, members in clusters.items()]
+    for g, info in single:
+        vals = [f"{k} {_fmt_time(v) if k.endswith('_s') else f'{100 * v:.1f}%'}"
+                for k, v in info.items() if isinstance(v, float) and k.endswith(("_s", "_share"))]
+        out.append(f"- {g}: " + ", ".join(vals))
+    notes = sorted({f"{k}: {v}" for _, i in rows for k, v in i.items() if k.endswith("_note")})
+    return "\n\n".join(out) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+
+
+EXTRA_SUFFIXES = ("_us_per_step", "_share")  # direct measurements stored in info
+
+
+def _extras(info: dict) -> str:
+    out = []
+    for k, v in info.items():
+        if k.endswith(EXTRA_SUFFIXES) and isinstance(v, (int, float)):
+            out.append(f"{k} {v:.3g}" if not k.endswith("_share") else f"{k} {100 * v:.2f}%")
+    return "; ".join(out)
+
+
+def _table(cols: tuple, rows: list) -> str:
+    tok = any(i.get("tokens_per_call", 1) > 1 for _, i in rows)
+    extra = any(_extras(i) for _, i in rows)
+    head = ["group", "baseline", *cols, "spread"] + (["baseline tokens/s"] if tok else []) \
+        + (["measured inside"] if extra else [])
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "---|" * 2 + "---:|" * (len(cols) + 1 + tok) + "---|" * extra]
     for g, info in rows:
         p = info["paired"]
         cells = [g, f"`{p['baseline']}`"]
         for c in cols:
-            r = p["candidates"].get(c)
-            if r is None:
-                cells.append("-")
-                continue
-            val = (f"{info['tokens_per_call'] / r['median_s']:.0f} tok/s" if tok
-                   and "tokens_per_call" in info else _fmt_time(r["median_s"]))
+            r = p["candidates"][c]
+            val = _fmt_time(r["median_s"])
             cells.append(val if c == p["baseline"] else f"{val} ({r['ratio']:.2f}x)")
         cells.append(f"{100 * max(_spread(r) for r in p['candidates'].values()):.0f}%")
+        if tok:
+            base = p["candidates"][p["baseline"]]["median_s"]
+            cells.append(f"{info.get('tokens_per_call', 1) / base:.0f}")
+        if extra:
+            cells.append(_extras(info))
         out.append("| " + " | ".join(cells) + " |")
-    notes = sorted({f"{k}: {v}" for _, i in rows for k, v in i.items()
-                    if k.endswith("_note")})
-    return "\n".join(out + ([""] + [f"- {n}" for n in notes] if notes else []))
+    return "\n".join(out)
 
 
 def _memory_table(rows) -> str:
@@ -219,41 +245,51 @@ def plot_all(run: dict, out_dir: Path) -> list[Path]:
 
     peers = _peer_bars(groups)
     if peers:
-        fig, axes = plt.subplots(1, len(peers), figsize=(4.2 * len(peers), 4), squeeze=False)
-        for ax, (title, bars) in zip(axes[0], peers):
+        fig, axes = plt.subplots(1, len(peers), figsize=(4.4 * len(peers), 4.2), squeeze=False)
+        for ax, (title, ylabel, log, bars) in zip(axes[0], peers):
             ax.bar(range(len(bars)), [v for _, v in bars],
                    color=["tab:blue" if n.startswith("sae_fast") else "tab:orange"
                           for n, _ in bars])
             ax.set_xticks(range(len(bars)))
             ax.set_xticklabels([n for n, _ in bars], rotation=25, ha="right", fontsize=7)
             ax.set_title(title, fontsize=8)
-            ax.set_ylabel("time / unsteered time (paired)")
-            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            if log:
+                ax.set_yscale("log")
+            else:
+                ax.axhline(1.0, color="gray", lw=0.8)
             ax.grid(True, axis="y", alpha=0.3)
-        fig.suptitle(f"sae_fast (blue) against peers (orange) ({tag})", fontsize=9)
+        fig.suptitle(f"sae_fast (blue) against the usual hook and peers (orange) ({tag})",
+                     fontsize=9)
         fig.tight_layout()
         written.append(_save(fig, out_dir / "bench_peers.png"))
     return written
 
 
-def _peer_bars(groups) -> list[tuple[str, list[tuple[str, float]]]]:
-    """Per suite, each candidate's paired time ratio to the unsteered baseline."""
+def _peer_bars(groups) -> list[tuple[str, str, bool, list[tuple[str, float]]]]:
+    """(title, y label, log scale, bars) per suite that has peers in this run."""
     out = []
-    want = {"hf": ("steered", "sae_fast"), "vllm": ("one_slot_steered", "sae_fast")}
     for info in groups.values():
-        suite, p = info["suite"], info["paired"]
-        if suite == "ops" and info.get("T") == 16 and info.get("d") == 576 \
-                and info.get("k") == 8 and info.get("dtype") == "float32":
-            c = p["candidates"]
-            base = c["noop"]["median_s"]
-            out.append((f"one layer, T=16 d=576 k=8 (vs unsteered op)",
-                        [("sae_fast plan_api", c["plan_api"]["median_s"] / base),
-                         ("full-SAE hook", c["full_sae"]["median_s"] / base)]))
-        elif suite in want and "peer" not in info.get("group", ""):
-            c = p["candidates"]
-            bars = [(("sae_fast " + n) if not any(x in n for x in ("full_sae", "lens")) else n,
-                     r["ratio"]) for n, r in c.items() if n != p["baseline"]]
-            out.append((info["group"], bars))
+        suite, p = info["suite"], info.get("paired")
+        if p is None:
+            continue
+        c = p["candidates"]
+        if suite == "ops" and info.get("op") == "steer_" and info.get("T") == 16 \
+                and info.get("d") == 576 and info.get("k") == 8 and info.get("dtype") == "float32":
+            out.append(("one layer, T=16 d=576 k=8 fp32", "us per step (log)", True,
+                        [("sae_fast plan_api", c["plan_api"]["median_s"] * 1e6),
+                         ("torch_minimal", c["torch_minimal"]["median_s"] * 1e6),
+                         ("full-SAE hook", c["full_sae"]["median_s"] * 1e6)]))
+        elif suite == "hf" and info.get("batch") == 16 and "decode" in info["group"] \
+                and "steered_hook_us_per_step" in info:
+            out.append((info["group"] + ": host time in the hooks", "us per step (log)", True,
+                        [("sae_fast steered (all hooks)", info["steered_hook_us_per_step"]),
+                         ("full-SAE hook", info.get("full_sae_hook_hook_us_per_step", 0.0))]))
+        elif suite == "vllm":
+            out.append((info["group"], f"time / {p['baseline']} (paired)", False,
+                        [(n if ("lens" in n or "full_sae" in n or n.startswith("eager"))
+                          else f"sae_fast {n}", r["ratio"])
+                         for n, r in c.items() if n != p["baseline"]]))
     return out
 
 
