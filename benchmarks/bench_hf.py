@@ -80,15 +80,17 @@ PROMPTS = ["Tell me about the history of Rome.", "What is a prime number?",
 
 def full_sae_hook(sae, features: list[int], target: float):
     """Forward hook of the common approach: encode all d_sae features, edit the
-    selected ones, decode the edit, keep the error term (h + (f' - f) W_dec)."""
-    feats = torch.tensor(features)
+    selected ones, decode the edit, keep the error term (h + (f' - f) W_dec),
+    in the SAE's dtype (bench_hf_gpu.py uses it too)."""
+    feats = torch.tensor(features, device=sae.W_enc.device)
 
     def hook(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
-        f = torch.relu((h.float() - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        x = h.to(sae.W_enc.dtype)
+        f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
         f_new = f.clone()
         f_new[..., feats] = target
-        new = (h.float() + (f_new - f) @ sae.W_dec).to(h.dtype)
+        new = (x + (f_new - f) @ sae.W_dec).to(h.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
     return hook
 

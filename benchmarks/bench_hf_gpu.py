@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_hf import full_sae_hook  # noqa: E402
 from harness import machine_info, paired  # noqa: E402
 
 LAYER, K, PROMPT = 16, 8, 128
@@ -57,17 +58,6 @@ def random_llama(shapes: str, device: str, dtype=torch.bfloat16):
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def full_sae_hook(sae, feats):
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        f = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
-        f_new = f.clone()
-        f_new[..., feats] = 4.0
-        new = h + (f_new - f) @ sae.W_dec
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-    return hook
 
 
 def decode_step(model, batch: int):
@@ -125,7 +115,7 @@ def run(batches, rounds: int = 7, shapes: str = "llama3-8b") -> dict:
                 st.set_strengths([[1.0] * K] * b)
                 state["steerer"] = st
             elif mode == "full_sae":
-                state["hook"] = layer_mod.register_forward_hook(full_sae_hook(sae, feats))
+                state["hook"] = layer_mod.register_forward_hook(full_sae_hook(sae, feats, 4.0))
 
         modes = ("unsteered", "steered", "full_sae")
         out = {}
