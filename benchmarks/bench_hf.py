@@ -145,7 +145,8 @@ class Bench:
 
     def __init__(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sae_fast.backends.hf import attach, decoder_layers
+        from sae_fast.backends.common import decoder_layers
+        from sae_fast.backends.hf import attach
         from sae_fast.generate import load_hf
         from sae_fast.models import smollm2
         from sae_fast.sae import random_sae

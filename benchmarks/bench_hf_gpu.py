@@ -83,7 +83,8 @@ def decode_step(model, batch: int):
 
 
 def run(batches, rounds: int = 7, shapes: str = "llama3-8b") -> dict:
-    from sae_fast.backends.hf import attach, decoder_layers
+    from sae_fast.backends.common import decoder_layers
+    from sae_fast.backends.hf import attach
     from sae_fast.sae import random_sae
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,7 +8,7 @@ suites, in ``extra_info["memory"]`` (every key ``*_bytes``, or ``*_count``).
 
 Quantities:
 
-* SAE resident bytes, for the shipped demo SAE (``assets/smollm2_sae``: TopK,
+* SAE resident bytes, for the shipped demo SAE (``sae_fast/assets/smollm2_sae``: TopK,
   576 x 4608, bf16) and a random standard (576, 4608) fp32 SAE, at k = 8 and
   32 selected features. ``sae_full_bytes``: every SAE tensor as loaded.
   HF backend (fp32 model, max_batch 64): ``hf_plan_bytes`` = the
@@ -16,7 +16,7 @@ Quantities:
   decoder columns, plus, for an exact-TopK plan, the full fp32 encoder that
   the exact TopK threshold needs), ``hf_tables_bytes`` = its SteeringTables
   (strengths and modes [max_batch + 1, k], row map). As attached today the
-  HF steerer also keeps the SAEWeights referenced (``SAEGroup.sae`` and
+  HF steerer also keeps the SAEWeights referenced (through
   ``plan.sae``), so ``hf_attached_bytes`` = full SAE + plan + tables.
   vLLM backend (bf16 model, 256 rows = vLLM's default max_num_seqs): one
   ``LayerSlot`` with k columns (``max_features=k``) and, for the default
@@ -55,7 +55,6 @@ Quantities:
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import pytest
 import torch
@@ -64,11 +63,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from bench_hf import CANDIDATES, Bench, DecodeStep, check_steering, frozen_heap
 from bench_predictor import FEATURES, HIDDEN, LAYERS, MODELS, predictor_config
 from sae_fast.backends.tables import SteeringTables
-from sae_fast.backends.vllm import LayerSlot
-from sae_fast.backends.vllm.groups import AttachedSAE
+from sae_fast.backends.vllm_engine import LayerSlot
+from sae_fast.backends.vllm_engine.groups import AttachedSAE
 from sae_fast.plan import SteeringSpec, build_plan
 from sae_fast.predictor import StrengthPredictor
 from sae_fast.sae import load_sae, random_sae
+from sae_fast.train.demo_task import demo_sae_dir
 
 D_IN, D_SAE = 576, 4608
 KS = (8, 32)
@@ -93,7 +93,7 @@ def _record(benchmark, group: str, fn, info: dict) -> dict:
 
 
 # ---------------------------------------------------------------- SAE resident
-DEMO_SAE = Path(__file__).resolve().parents[1] / "assets" / "smollm2_sae"
+DEMO_SAE = demo_sae_dir()  # the shipped SAE, package data
 
 
 def _slot_bytes(slot) -> int:

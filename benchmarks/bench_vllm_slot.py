@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from harness import record
-from sae_fast.backends.vllm import LayerSlot
+from sae_fast.backends.vllm_engine import LayerSlot
 from sae_fast.plan import SteeringSpec, build_plan
 from sae_fast.sae import random_sae
 

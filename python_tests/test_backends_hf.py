@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from sae_fast.backends.hf import (HFSteerer, UnsupportedModelError, attach, decoder_layers,
-                                  schedule_multiplier)
+from sae_fast.backends.common import UnsupportedModelError, decoder_layers, schedule_multiplier
+from sae_fast.backends.hf import HFSteerer, attach
 from sae_fast.models import tiny_model
 from sae_fast.ops.reference import steer_ as ref_steer_
 from sae_fast.plan import SteeringSpec, SteeringSpecError, build_plan

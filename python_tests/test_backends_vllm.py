@@ -20,8 +20,8 @@ vllm = pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import sae_fast.vllm as sv  # noqa: E402
-from sae_fast.backends import vllm as bv  # noqa: E402
-from sae_fast.backends.vllm import transport, worker  # noqa: E402
+from sae_fast.backends import vllm_engine as bv  # noqa: E402
+from sae_fast.backends.vllm_engine import transport, worker  # noqa: E402
 from sae_fast.backends.tables import SteeringTables  # noqa: E402
 from sae_fast.models import tiny_model  # noqa: E402
 from sae_fast.ops import reference  # noqa: E402

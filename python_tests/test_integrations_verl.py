@@ -76,8 +76,8 @@ def test_importing_verl_registers_our_agent_loop_and_trainer():
 def test_worker_extension_composes_with_verls():
     from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 
-    from sae_fast.backends.vllm import SAESteeringWorkerExtension
-    from sae_fast.backends.vllm.patch import opted_in
+    from sae_fast.backends.vllm_engine import SAESteeringWorkerExtension
+    from sae_fast.backends.vllm_engine.patch import opted_in
     from sae_fast_verl.extension import QUALNAME, SAEVerlWorkerExtension
 
     assert issubclass(SAEVerlWorkerExtension, vLLMColocateWorkerExtension)
@@ -130,8 +130,8 @@ def test_composed_config_is_accepted_by_verls_dataclasses(tmp_path, sae_dir):
     saes = vllm_kw["additional_config"]["sae_fast"]["saes"]
     assert saes[0]["features"] == [3, 7] and saes[0]["layers"] == [1]
     assert saes[0]["mode"] == "add" and Path(saes[0]["path"]) == Path(sae_dir).resolve()
-    # the block is what a vLLM server accepts (pydantic schema of sae_fast.backends.vllm)
-    from sae_fast.backends.vllm.config import parse
+    # the block is what a vLLM server accepts (pydantic schema of sae_fast.backends.vllm_engine)
+    from sae_fast.backends.vllm_engine.config import parse
 
     parse(vllm_kw["additional_config"]["sae_fast"])
     loops = Path(rollout.agent.agent_loop_config_path).read_text()

@@ -157,7 +157,7 @@ def test_nan_strength_row_rejected():
 
 
 def test_unknown_dict_keys_rejected():
-    with pytest.raises(SteeringSpecError, match=r"unknown steering keys \['strenght'\]"):
+    with pytest.raises(SteeringSpecError, match=r"unknown steering spec key 'strenght'"):
         SteeringSpec.from_dict({"feature_idx": 1, "strenght": 2})
 
 

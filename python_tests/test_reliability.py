@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_fast.backends.hf import attach, decoder_layers, schedule_multiplier
+from sae_fast.backends.common import decoder_layers, schedule_multiplier
+from sae_fast.backends.hf import attach
 from sae_fast.models import tiny_model
 from sae_fast.plan import SteeringSpec, SteeringSpecError
 from sae_fast.sae import random_sae

@@ -24,9 +24,9 @@ vllm = pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
 
 import sae_fast.vllm as sv  # noqa: E402
-from sae_fast.backends.requests import request_entries, request_row_kwargs  # noqa: E402
-from sae_fast.backends.vllm import config as vconfig  # noqa: E402
-from sae_fast.backends.vllm import serve  # noqa: E402
+from sae_fast.request import SteeringRequest, request_entries  # noqa: E402
+from sae_fast.backends.vllm_engine import config as vconfig  # noqa: E402
+from sae_fast.backends.vllm_engine import serve  # noqa: E402
 from sae_fast.models import tiny_model  # noqa: E402
 from sae_fast.plan import SteeringSpecError  # noqa: E402
 from sae_fast.sae import SAELoadError, random_sae, save_sae  # noqa: E402
@@ -60,14 +60,16 @@ def test_flat_keys_json_string_and_string_numbers():
     assert request_entries({"sae_features": ["3", 50], "sae_strengths": ["2.5", 1],
                             "sae_group": "a"}) == [
         {"sae_features": ["3", 50], "sae_strengths": ["2.5", 1], "sae_group": "a"}]
-    kw = request_row_kwargs({"sae_features": ["3", 50], "sae_strengths": ["2.5", 1],
-                             "sae_mode": "add", "sae_strength_scale": "2", "sae_group": "a"})
-    assert kw == {"features": [3, 50], "strengths": [2.5, 1.0], "mode": "add", "scale": 2.0,
-                  "group": "a"}
+    req = SteeringRequest.parse({"sae_features": ["3", 50], "sae_strengths": ["2.5", 1],
+                                 "sae_mode": "add", "sae_strength_scale": "2", "sae_group": "a"})
+    assert req == SteeringRequest(features=[3, 50], strengths=[2.5, 1.0], mode="add",
+                                  strength_scale=2.0, group="a")
+    assert req.row_kwargs() == {"features": [3, 50], "strengths": [2.5, 1.0], "mode": "add",
+                                "scale": 2.0}
     js = request_entries({"sae": json.dumps({"features": [3], "strengths": [2.0]})})
     assert js == [{"features": [3], "strengths": [2.0]}]
-    assert request_row_kwargs({"sae_feature_idx": 3, "sae_max_activation": "8",
-                               "sae_strength_scale": 1.5}) == {
+    assert SteeringRequest.parse({"sae_feature_idx": 3, "sae_max_activation": "8",
+                                  "sae_strength_scale": 1.5}).row_kwargs() == {
         "features": [3], "max_activation": 8.0, "scale": 1.5, "strengths": 1.0}
 
 
@@ -85,7 +87,7 @@ def test_flat_keys_json_string_and_string_numbers():
 def test_bad_request_values_are_named(bad, match):
     with pytest.raises(SteeringSpecError, match=match):
         for e in request_entries(bad):
-            request_row_kwargs(e)
+            SteeringRequest.parse(e)
 
 
 def test_openai_vllm_xargs_schema_accepts_the_documented_forms():

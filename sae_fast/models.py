@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from sae_fast.checks import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +36,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("SAE_FAST_CACHE", Path.home() / ".cache" / "sae_fast"))
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def _atomic_dir(final: Path, build) -> Path:
-    """Run build(tmp_folder) and rename the folder to ``final`` atomically."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first
-            if not final.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def tiny_tokenizer(folder: Path, vocab_size: int = 512):
@@ -106,7 +87,7 @@ def tiny_model(arch: str = "llama", *, hidden_size: int = 128, num_layers: int =
             model.lm_head.weight.mul_(8.0)
         model.save_pretrained(str(tmp), safe_serialization=True)
 
-    return _atomic_dir(Path(final), build)
+    return atomic_dir(Path(final), build)
 
 
 def smollm2_gguf() -> Path:
@@ -140,4 +121,4 @@ def smollm2(folder: Optional[Path] = None) -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
 
-    return _atomic_dir(Path(final), build)
+    return atomic_dir(Path(final), build)

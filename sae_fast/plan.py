@@ -15,35 +15,23 @@ Spec keys (SPEC section 2; the ``sae:`` block and request metadata use them):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
 from sae_fast import ops
+from sae_fast.checks import finite
 from sae_fast.ops import codes
+from sae_fast.request import (DEFAULT_MODE, MODES, TOPK_MODES, SteeringSpecError,  # noqa: F401
+                              canonical, feature_list)
 from sae_fast.sae import SAEWeights
 
-MODES = ("add", "set", "clamp", "scale", "ablate", "clamp_direction")
-TOPK_MODES = ("exact", "approx_relu")
-
-
-class SteeringSpecError(ValueError):
-    """An intervention spec or a strengths vector is invalid."""
+SPEC_ONLY_KEYS = ("min_strength", "max_strength", "topk_mode")
 
 
 def _finite(name: str, values: Sequence[float]) -> list[float]:
-    out = []
-    for i, v in enumerate(values):
-        try:
-            f = float(v)
-        except (TypeError, ValueError) as err:
-            raise SteeringSpecError(f"{name}[{i}] = {v!r} is not a number") from err
-        if not math.isfinite(f):
-            raise SteeringSpecError(f"{name}[{i}] = {f} is not finite; NaN/inf {name} are never applied")
-        out.append(f)
-    return out
+    return finite(list(values), name, SteeringSpecError, what=name)
 
 
 @dataclass
@@ -51,7 +39,7 @@ class SteeringSpec:
     """What to steer: features, mode, per-feature targets and strengths."""
 
     features: list[int]
-    mode: str = "set"
+    mode: str = DEFAULT_MODE
     max_activations: Optional[list[float]] = None
     strengths: Optional[list[float]] = None
     strength_scale: float = 1.0
@@ -115,29 +103,25 @@ class SteeringSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> "SteeringSpec":
-        """Build from config/request keys (SPEC names), e.g.
+        """Build from config/request keys (any spelling of :data:`sae_fast.request.ALIASES`,
+        plus min_strength / max_strength / topk_mode), e.g.
         ``{"feature_idx": 3, "max_activation": 8.0, "strength_scale": 2.0}`` or
         ``{"feature_idxs": [1, 5], "max_activations": [4, 6], "strengths": [1, -1]}``."""
-        d = {**(defaults or {}), **d}
-        aliases = {"sae_feature_idx": "feature_idx", "sae_max_activation": "max_activation",
-                   "sae_strength_scale": "strength_scale", "selected_features": "feature_idxs",
-                   "features": "feature_idxs"}
-        d = {aliases.get(k, k): v for k, v in d.items()}
-        known = {"feature_idx", "feature_idxs", "max_activation", "max_activations", "strengths",
-                 "strength", "strength_scale", "min_strength", "max_strength", "mode", "topk_mode"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SteeringSpecError(f"unknown steering keys {unknown}; expected some of {sorted(known)}")
-        if "feature_idx" in d and "feature_idxs" in d:
-            raise SteeringSpecError("give feature_idx (one feature) or feature_idxs (several), not both")
-        feats = d.get("feature_idxs", d.get("feature_idx"))
-        if feats is None:
-            raise SteeringSpecError("no features selected: set feature_idx or feature_idxs")
-        max_acts = d.get("max_activations", d.get("max_activation"))
-        strengths = d.get("strengths", d.get("strength"))
-        kw = {k: d[k] for k in ("strength_scale", "min_strength", "max_strength", "mode", "topk_mode")
-              if k in d}
-        return cls(features=feats, max_activations=max_acts, strengths=strengths, **kw)
+        kw = canonical(d, SPEC_ONLY_KEYS, what="steering spec")
+        if defaults:
+            kw = {**canonical(defaults, SPEC_ONLY_KEYS, what="steering spec"), **kw}
+        for key in ("group", "schedule"):
+            if kw.get(key) is not None:
+                raise SteeringSpecError(f"{key}={kw[key]!r} is not part of a steering spec: name the "
+                                        "group when attaching (name=...), the schedule with "
+                                        "strength_schedule=...")
+            kw.pop(key, None)
+        if kw.get("features") is None:
+            raise SteeringSpecError("no features selected: set features (feature_idx / feature_idxs)")
+        kw["features"] = feature_list(kw["features"])
+        if kw.get("mode") is None:
+            kw.pop("mode", None)
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -242,22 +226,17 @@ class SteeringPlan:
         bounds them to [min, max] and multiplies by the spec's strength_scale)."""
         if strengths is None:
             row = self.default_strengths.clone()
-        elif isinstance(strengths, torch.Tensor):
-            row = strengths.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        else:
+            vals = strengths if isinstance(strengths, torch.Tensor) else (
+                [strengths] if isinstance(strengths, (int, float)) else list(strengths))
+            row = finite(vals, "strengths", SteeringSpecError, "strengths")
+            row = torch.as_tensor(row, dtype=torch.float32).reshape(-1)
             if row.numel() == 1:
                 row = row.expand(self.k).clone()
-            if not bool(torch.isfinite(row).all()):
-                bad = int((~torch.isfinite(row)).nonzero()[0])
-                raise SteeringSpecError(f"strengths[{bad}] = {row[bad].item()} is not finite; "
-                                        "NaN/inf strengths are never applied")
-        else:
-            vals = [strengths] if isinstance(strengths, (int, float)) else list(strengths)
-            vals = _finite("strengths", vals)
-            row = torch.tensor(vals * self.k if len(vals) == 1 else vals, dtype=torch.float32)
         if row.numel() != self.k:
             raise SteeringSpecError(f"strengths has {row.numel()} values, expected {self.k} "
                                     f"(one per selected feature {self.spec.features})")
-        scale = _finite("scale", [scale])[0]
+        scale = finite(scale, "scale", SteeringSpecError, "scales")
         return (row * scale).to(self.device)
 
     def modes_row(self, mode: Optional[str] = None) -> torch.Tensor:

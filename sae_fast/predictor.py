@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from sae_fast.checks import atomic_write, finite
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +74,7 @@ class PredictorConfig:
             raise PredictorError(f"num_layers={self.num_layers!r} must be an integer >= 0")
         for key in ("min_strength", "max_strength", "strength_scale", "init_log_std",
                     "min_log_std", "max_log_std"):
-            v = float(getattr(self, key))
-            if not math.isfinite(v):
-                raise PredictorError(f"{key}={v} is not finite")
-            setattr(self, key, v)
+            setattr(self, key, finite(getattr(self, key), key, PredictorError))
         if self.min_strength > self.max_strength:
             raise PredictorError(f"min_strength={self.min_strength} > max_strength={self.max_strength}")
         if self.min_log_std > self.max_log_std:
@@ -206,13 +202,20 @@ class StrengthPredictor(nn.Module):
         with torch.no_grad():
             out = self(embeddings)
             mean = out.mean.repeat_interleave(n, dim=0)
-            std = out.log_std.exp().expand_as(mean)
+            pi = self.policy(mean, out.log_std)
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
                                 device="cpu" if generator is None else generator.device)
-            u = mean + std * noise.to(mean.device)
-            logp = torch.distributions.Normal(mean, std).log_prob(u).sum(-1)
+            u = mean + pi.base_dist.scale * noise.to(mean.device)  # seeded: rsample has no generator
+            logp = pi.log_prob(u)
         return {"u": u, "strengths": self.squash(u), "log_prob": logp, "mean": mean,
                 "log_std": out.log_std.detach().clone().expand_as(mean).contiguous()}
+
+    @staticmethod
+    def policy(mean: torch.Tensor, log_std: torch.Tensor) -> torch.distributions.Distribution:
+        """The exploration policy over pre-squash actions: a diagonal Gaussian
+        (``Independent(Normal)``, so log_prob / entropy / KL sum over features)."""
+        return torch.distributions.Independent(
+            torch.distributions.Normal(mean, log_std.exp().expand_as(mean)), 1)
 
     # ------------------------------------------------------------------ user API
     def attach_embedder(self, embedder: Any) -> "StrengthPredictor":
@@ -286,16 +289,8 @@ class StrengthPredictor(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         cfg = json.dumps(asdict(self.config), indent=2)
-        for name, write in ((WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"})),
-                            (CONFIG_FILE, lambda p: Path(p).write_text(cfg))):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, folder / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(folder / CONFIG_FILE, cfg)
         return folder
 
     @classmethod

@@ -359,10 +359,9 @@ def from_pretrained(release: str, sae_id: str, device: str = "cpu") -> SAEWeight
 
 def save_sae(sae: SAEWeights, folder: Union[str, Path], dtype: Optional[torch.dtype] = None) -> Path:
     """Write a sae-lens folder (cfg.json + sae_weights.safetensors), atomically."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
+
+    from sae_fast.checks import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -380,12 +379,8 @@ def save_sae(sae: SAEWeights, folder: Union[str, Path], dtype: Optional[torch.dt
         cfg["k"] = sae.k
     if sae.hook_name:
         cfg.setdefault("metadata", {})["hook_name"] = sae.hook_name
-    for name, write in ((WEIGHTS_FILE, lambda p: save_file(state, p)),
-                        (CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, folder / name)
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(state, p))
+    atomic_write(folder / CFG_FILE, json.dumps(cfg, indent=2))
     return folder
 
 

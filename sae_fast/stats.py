@@ -26,6 +26,15 @@ class FeatureSummary:
     before_active: int = 0
     after_active: int = 0
 
+    def pooled(self, other: "FeatureSummary") -> "FeatureSummary":
+        """The summary of both token sets together."""
+        return FeatureSummary(self.count + other.count, self.before_sum + other.before_sum,
+                              self.after_sum + other.after_sum,
+                              max(self.before_max, other.before_max),
+                              max(self.after_max, other.after_max),
+                              self.before_active + other.before_active,
+                              self.after_active + other.after_active)
+
     def as_dict(self) -> dict:
         n = max(self.count, 1)
         return {"tokens": self.count, "before_mean": self.before_sum / n,
@@ -43,7 +52,7 @@ class SteeringStats:
     missed: int = 0  # steps that had to steer but whose op never ran (also failures)
     strength_n: int = 0
     strength_sum: float = 0.0
-    strength_sumsq: float = 0.0
+    strength_m2: float = 0.0  # sum of squared deviations from the mean (Chan et al. pooling)
     steer_time_s: float = 0.0  # host time inside the steering code (when profiling)
     failure_reasons: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)  # feature idx -> FeatureSummary
@@ -51,13 +60,26 @@ class SteeringStats:
 
     def record_strengths(self, strengths: torch.Tensor) -> None:
         """Strengths as requested (after bounds and scale), one entry per (request, feature)."""
-        s = strengths.detach().float().reshape(-1)
+        s = strengths.detach().double().reshape(-1)
         if s.numel() == 0:
             return
+        n, total = int(s.numel()), float(s.sum())
+        m2 = float(((s - total / n) ** 2).sum())  # about the batch mean: no cancellation
         with self._lock:
-            self.strength_n += int(s.numel())
-            self.strength_sum += float(s.sum())
-            self.strength_sumsq += float((s * s).sum())
+            self._pool_strengths(n, total, m2)
+
+    def _pool_strengths(self, n: int, total: float, m2: float) -> None:
+        """Pool a batch (count, sum, M2 about its own mean) into the running moments."""
+        if n == 0:
+            return
+        n0 = self.strength_n
+        if n0:
+            delta = total / n - self.strength_sum / n0
+            self.strength_m2 += m2 + delta * delta * n0 * n / (n0 + n)
+        else:
+            self.strength_m2 = m2
+        self.strength_n = n0 + n
+        self.strength_sum += total
 
     def record_step(self, steered_rows: int) -> None:
         with self._lock:
@@ -90,6 +112,8 @@ class SteeringStats:
     def record_features(self, features: list[int], before: torch.Tensor, after: torch.Tensor) -> None:
         """before/after: [rows, k] activations of the plan's features."""
         b, a = before.detach().float(), after.detach().float()
+        if b.shape[0] == 0:
+            return
         with self._lock:
             for j, f in enumerate(features):
                 s = self.features.setdefault(int(f), FeatureSummary())
@@ -109,8 +133,7 @@ class SteeringStats:
     def strength_std(self) -> float:
         if self.strength_n < 2:
             return 0.0
-        var = self.strength_sumsq / self.strength_n - self.strength_mean**2
-        return math.sqrt(max(var, 0.0))
+        return math.sqrt(max(self.strength_m2 / self.strength_n, 0.0))
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "steered_rows": self.steered_rows,
@@ -122,20 +145,21 @@ class SteeringStats:
 
     def merge(self, other: "SteeringStats") -> "SteeringStats":
         out = SteeringStats()
-        for name in ("steps", "steered_rows", "successes", "failures", "missed", "strength_n",
-                     "strength_sum", "strength_sumsq", "steer_time_s"):
+        for name in ("steps", "steered_rows", "successes", "failures", "missed", "steer_time_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for src in (self, other):
+            out._pool_strengths(src.strength_n, src.strength_sum, src.strength_m2)
             for r, n in src.failure_reasons.items():
                 out.failure_reasons[r] = out.failure_reasons.get(r, 0) + n
-        out.features = {**self.features, **other.features}
+            for f, summary in src.features.items():
+                out.features[f] = out.features[f].pooled(summary) if f in out.features else summary
         return out
 
     def reset(self) -> None:
         fresh = SteeringStats()
         with self._lock:
             for name in ("steps", "steered_rows", "successes", "failures", "missed", "strength_n",
-                         "strength_sum", "strength_sumsq", "steer_time_s"):
+                         "strength_sum", "strength_m2", "steer_time_s"):
                 setattr(self, name, getattr(fresh, name))
             self.failure_reasons.clear()
             self.features.clear()

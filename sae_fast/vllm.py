@@ -1,4 +1,4 @@
-"""Drop-in SAE steering for vLLM (the public face of ``sae_fast.backends.vllm``).
+"""Drop-in SAE steering for vLLM (the public face of ``sae_fast.backends.vllm_engine``).
 
 Offline engine::
 
@@ -17,7 +17,7 @@ Async engine: ``await sv.attach_async(engine, sae, layer=12, ...)``; server:
 with ``--worker-extension-cls`` and ``--additional-config`` (see the README).
 """
 
-from sae_fast.backends.vllm import (  # noqa: F401
+from sae_fast.backends.vllm_engine import (  # noqa: F401
     EXTENSION_QUALNAME,
     AsyncVLLMSteering,
     SAESteeringWorkerExtension,

@@ -8,7 +8,8 @@ set -euo pipefail
 OUT=${OUT:-./sae_outputs/verl-1node}
 sae-fast train --engine verl --config examples/sae_ppo_config.yaml \
   --base-model-path "$MODEL" --sae-model-path "$SAE" \
-  --train-data examples/data/demo_train.jsonl --val-data examples/data/demo_val.jsonl \
+  --train-data sae_fast/assets/demo_data/demo_train.jsonl \
+  --val-data sae_fast/assets/demo_data/demo_val.jsonl \
   --strength-scale 1.0 --output-dir "$OUT" \
   --set model.dtype=bfloat16 --set rollout.max_new_tokens=256 \
   --verl-set actor_rollout_ref.rollout.n_gpus_per_node=8 \

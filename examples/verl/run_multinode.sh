@@ -11,7 +11,8 @@ OUT=${OUT:-./sae_outputs/verl-${NNODES}nodes}
 export RAY_ADDRESS=${RAY_ADDRESS:-auto}
 sae-fast train --engine verl --config examples/sae_ppo_config.yaml \
   --base-model-path "$MODEL" --sae-model-path "$SAE" \
-  --train-data examples/data/demo_train.jsonl --val-data examples/data/demo_val.jsonl \
+  --train-data sae_fast/assets/demo_data/demo_train.jsonl \
+  --val-data sae_fast/assets/demo_data/demo_val.jsonl \
   --output-dir "$OUT" --set model.dtype=bfloat16 \
   --verl-set actor_rollout_ref.rollout.nnodes="$NNODES" \
   --verl-set actor_rollout_ref.rollout.n_gpus_per_node=8 \

@@ -19,36 +19,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from sae_fast.backends.common import (SCHEDULES, UnsupportedModelError, decoder_layers,  # noqa: F401
-                                     hidden_size_of, resolve_layer, schedule_multiplier)
-from sae_fast.backends.requests import request_row_kwargs
+from sae_fast.backends.common import (SCHEDULES, AttachedSAE, decoder_layers, hidden_size_of,
+                                     layers_from, resolve_layer, schedule_multiplier,
+                                     spec_from_kwargs)
 from sae_fast.backends.tables import SteeringTables
 from sae_fast.plan import SteeringSpec, SteeringSpecError, build_plan
+from sae_fast.request import DEFAULT_MODE, SteeringRequest
 from sae_fast.sae import SAEWeights, load_sae
 from sae_fast.stats import SteeringStats
 
 log = logging.getLogger(__name__)
 _NOTHING: frozenset = frozenset()
-
-
-@dataclass
-class SAEGroup:
-    """One SAE + spec attached at one or more layers (same strengths at each)."""
-
-    spec: SteeringSpec
-    sae: SAEWeights
-    layers: list[int]
-    tables: list[SteeringTables] = field(default_factory=list)
-
-    @property
-    def k(self) -> int:
-        return self.spec.k
 
 
 class HFSteerer:
@@ -74,7 +60,7 @@ class HFSteerer:
         self.on_error = on_error
         self.record_activations = record_activations
         self.profile = profile  # accumulate host time inside all its hooks in stats.steer_time_s
-        self.groups: list[SAEGroup] = []
+        self.groups: list[AttachedSAE] = []
         self.stats = SteeringStats()
         self._enabled = True
         self._handles: list[Any] = []
@@ -93,22 +79,26 @@ class HFSteerer:
         self._post_handle = model.register_forward_hook(self._timed(self._after_forward))
 
     # ------------------------------------------------------------ setup
-    def add_sae(self, sae: Union[SAEWeights, str, Any], spec: Union[SteeringSpec, dict], *,
-                layers: Optional[Sequence[int]] = None) -> SAEGroup:
+    def add_sae(self, sae: Union[SAEWeights, str, Any], spec: Union[SteeringSpec, Mapping[str, Any]],
+                *, layers: Optional[Sequence[int]] = None, name: Optional[str] = None) -> AttachedSAE:
         """Attach ``sae`` with ``spec`` at ``layers`` (default: the SAE's hook
-        layer if known, else the last layer). Returns the group handle."""
+        layer if known, else the last layer). Returns its record."""
         param = next(self.model.parameters())
         sae = load_sae(sae, device=param.device)
-        spec = SteeringSpec.from_dict(spec) if isinstance(spec, dict) else spec
+        spec = spec_from_kwargs(spec)
         if layers is None:
             layers = [sae.default_layer()]
         resolved = [resolve_layer(int(layer), len(self.layers)) for layer in layers]
         for layer in resolved:
             sae.check_hidden_size(self.hidden_size, layer=layer)
+        name = name or f"sae{len(self.groups)}"
+        if any(g.name == name for g in self.groups):
+            raise SteeringSpecError(f"an SAE named {name!r} is already attached")
         plan = build_plan(sae, spec, device=param.device, dtype=param.dtype)
-        group = SAEGroup(spec=spec, sae=sae, layers=resolved)
+        group = AttachedSAE(name=name, layers=resolved, plan=plan,
+                            tables=[SteeringTables(plan, self.max_batch, max_tokens=1)
+                                    for _ in resolved])
         for layer in resolved:
-            group.tables.append(SteeringTables(plan, self.max_batch, max_tokens=1))
             if layer not in self._hooked_layers:
                 self._handles.append(self.layers[layer].register_forward_hook(
                     self._make_layer_hook(layer)))
@@ -116,11 +106,17 @@ class HFSteerer:
         self.groups.append(group)
         return group
 
-    def _group(self, group: Union[int, SAEGroup]) -> SAEGroup:
-        if isinstance(group, SAEGroup):
+    def _group(self, group: Union[int, str, AttachedSAE]) -> AttachedSAE:
+        if isinstance(group, AttachedSAE):
             return group
         if not self.groups:
             raise RuntimeError("no SAE attached; call add_sae first")
+        if isinstance(group, str):
+            for g in self.groups:
+                if g.name == group:
+                    return g
+            raise SteeringSpecError(f"no SAE named {group!r} is attached "
+                                    f"(attached: {[g.name for g in self.groups]})")
         return self.groups[group]
 
     # ------------------------------------------------------------ control
@@ -136,61 +132,56 @@ class HFSteerer:
         return self._enabled
 
     def set_strengths(self, strengths: Union[torch.Tensor, Sequence[Any], None], *,
-                      group: Union[int, SAEGroup] = 0, features: Optional[Sequence[int]] = None,
-                      mode: Optional[str] = None, scale: Optional[float] = None) -> None:
+                      group: Union[int, str, AttachedSAE] = 0,
+                      features: Optional[Sequence[int]] = None, mode: Optional[str] = None,
+                      scale: Optional[float] = None) -> None:
         """Per-row strengths for the next generate calls: a [B, k] tensor, a
         list of B rows (a row may be None = unsteered, or one number = the
         same strength on every feature), or None to steer no row."""
         g = self._group(group)
         rows = [] if strengths is None else list(strengths)
-        if len(rows) > self.max_batch:
-            raise ValueError(f"{len(rows)} rows exceed max_batch={self.max_batch}")
-        staged = []
-        for b, row in enumerate(rows):  # validate everything before writing anything
-            if row is None:
-                staged.append(None)
-                continue
-            staged.append([t.row_values(row, features=features, mode=mode, scale=scale)
-                           for t in g.tables])
-        self._write_rows(g, staged)
+        self._write_rows(g, [None if row is None else SteeringRequest(
+            strengths=row, features=features, mode=mode, strength_scale=scale) for row in rows])
 
-    def set_requests(self, requests: Sequence[Optional[dict]], *, group: Union[int, SAEGroup] = 0) -> None:
-        """Per-row request metadata (SPEC keys ``sae_feature_idx``,
-        ``sae_max_activation``, ``sae_strength_scale``, or ``features`` /
-        ``strengths`` / ``mode`` / ``strength_scale`` / ``max_activations``)."""
+    def set_requests(self, requests: Sequence[Optional[Mapping[str, Any]]], *,
+                     group: Union[int, str, AttachedSAE] = 0) -> None:
+        """Per-row request metadata, in the one steering vocabulary
+        (``sae_fast.request``: ``features`` / ``strengths`` / ``mode`` /
+        ``strength_scale`` / ``max_activations``, or the SPEC keys
+        ``sae_feature_idx``, ``sae_max_activation``, ``sae_strength_scale``).
+        A row's ``group`` key, when given, must name the SAE being written."""
         g = self._group(group)
+        reqs = []
+        for meta in requests:
+            req = SteeringRequest.parse(meta) if meta else None
+            if req is not None and req.group is not None and req.group != g.name:
+                raise SteeringSpecError(f"request key group={req.group!r}, but these rows are "
+                                        f"written to the SAE {g.name!r}; pick the SAE with "
+                                        "set_requests(..., group=name)")
+            reqs.append(req)
+        self._write_rows(g, reqs)
+
+    def _write_rows(self, g: AttachedSAE, requests: list) -> None:
         if len(requests) > self.max_batch:
             raise ValueError(f"{len(requests)} rows exceed max_batch={self.max_batch}")
-        staged = []
-        for meta in requests:
-            if not meta:
-                staged.append(None)
-                continue
-            kw = request_row_kwargs(meta)
-            if "group" in kw:
-                raise SteeringSpecError(f"request key group={kw['group']!r}: the HF backend picks "
-                                        "the SAE with set_requests(..., group=index)")
-            staged.append([t.row_values(**kw) for t in g.tables])
-        self._write_rows(g, staged)
-
-    def _write_rows(self, g: SAEGroup, staged: list) -> None:
+        staged = [None if r is None else g.row(r) for r in requests]  # validate all, then write
         for t in g.tables:
             t.strengths.zero_()
             t.modes.zero_()
         for b, vals in enumerate(staged):
             if vals is None:
                 continue
-            for t, (s, m) in zip(g.tables, vals):
+            s, m = vals
+            for t in g.tables:
                 t.strengths[b + 1].copy_(s)
                 t.modes[b + 1].copy_(m)
-            s, m = vals[0]
             self.stats.record_strengths(s[m != 0])
         self._rows_in_use = max(self._rows_for(x) for x in self.groups)
         self._active_layers = frozenset(x for grp in self.groups if self._rows_for(grp)
                                         for x in grp.layers)
 
     @staticmethod
-    def _rows_for(g: SAEGroup) -> int:
+    def _rows_for(g: AttachedSAE) -> int:
         active = (g.tables[0].modes != 0).any(dim=1).nonzero()
         return int(active.max()) if active.numel() else 0
 
@@ -311,7 +302,7 @@ class HFSteerer:
                 t.apply_(flat, None, row_index, scale=mult)
                 self._ran.add(layer)
                 if before is not None:
-                    self.stats.record_features(g.spec.features, before, t.selected_activations(flat))
+                    self.stats.record_features(g.features, before, t.selected_activations(flat))
                 steered = True
         if steered:
             self.stats.record_step(min(self._rows_in_use, B) * S)
@@ -359,26 +350,28 @@ class HFSteerer:
 
 
 def attach(model: nn.Module, sae: Union[SAEWeights, str, Any], *,
-           spec: Union[SteeringSpec, dict, None] = None, layer: Optional[int] = None,
+           spec: Union[SteeringSpec, Mapping[str, Any], None] = None, layer: Optional[int] = None,
            layers: Optional[Sequence[int]] = None, features: Optional[Sequence[int]] = None,
-           mode: str = "set", max_activations: Any = None, strengths: Any = None,
+           mode: str = DEFAULT_MODE, max_activations: Any = None, strengths: Any = None,
            strength_scale: float = 1.0, min_strength: float = -5.0, max_strength: float = 5.0,
+           topk_mode: str = "exact", name: Optional[str] = None,
            **steerer_kwargs: Any) -> HFSteerer:
-    """Attach ``sae`` to ``model`` and return an :class:`HFSteerer`.
+    """Attach ``sae`` to a transformers ``model`` and return an :class:`HFSteerer`.
 
+    The keywords up to ``name`` are the attach vocabulary shared with
+    ``sae_fast.vllm.attach`` (``sae_fast.backends.common.ATTACH_KEYWORDS``):
     ``spec`` (a SteeringSpec or a dict of SPEC keys) or the keyword form
-    (features, mode, max_activations, strengths, strength_scale, bounds)."""
-    if spec is None:
-        if features is None:
-            raise SteeringSpecError("attach needs features=[...] (or spec=...)")
-        spec = SteeringSpec(features=list(features), mode=mode, max_activations=max_activations,
+    (features, mode, max_activations, strengths, strength_scale, bounds,
+    topk_mode). The rest go to :class:`HFSteerer` (max_batch, steer_prompt,
+    strength_schedule, on_error, record_activations, profile, ...)."""
+    spec = spec_from_kwargs(spec, features=features, mode=mode, max_activations=max_activations,
                             strengths=strengths, strength_scale=strength_scale,
-                            min_strength=min_strength, max_strength=max_strength)
-    if layer is not None and layers is not None:
-        raise SteeringSpecError("give layer or layers, not both")
+                            min_strength=min_strength, max_strength=max_strength,
+                            topk_mode=topk_mode)
+    lay = layers_from(layer, layers)
     steerer = HFSteerer(model, **steerer_kwargs)
     try:
-        steerer.add_sae(sae, spec, layers=[layer] if layer is not None else layers)
+        steerer.add_sae(sae, spec, layers=lay, name=name)
     except Exception:
         steerer.remove()
         raise

@@ -18,8 +18,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from sae_fast.checks import finite
 from sae_fast.ops import codes
-from sae_fast.plan import SteeringPlan, SteeringSpecError, _mode_code
+from sae_fast.plan import SteeringPlan, _mode_code
+from sae_fast.request import SteeringSpecError, feature_index
 
 
 UNBOUNDED = (float("-inf"), float("inf"))
@@ -47,8 +49,6 @@ class SteeringTables:
         raise an error naming them and the allowed set."""
         if features is None:
             return list(range(self.k))
-        from sae_fast.backends.requests import feature_index
-
         cols = []
         for i, f in enumerate(features):
             j = self._feature_col.get(feature_index(f, f"features[{i}]"))
@@ -78,7 +78,8 @@ class SteeringTables:
         cols = self.columns(features)
         sub = p.default_strengths.cpu()[cols] if strengths is None else strengths
         s_sub = _sub_row(sub, len(cols), "strengths").clamp(p.spec.min_strength, p.spec.max_strength)
-        g = p.spec.strength_scale if scale is None else _sub_row(scale, 1, "strength_scale")[0]
+        g = p.spec.strength_scale if scale is None else finite(scale, "strength_scale",
+                                                                SteeringSpecError, "scales")
         s_sub = s_sub * g
         if max_activation is not None:
             m_new = _sub_row(max_activation, len(cols), "max_activation")
@@ -146,20 +147,14 @@ class SteeringTables:
 
 
 def _sub_row(values, n: int, name: str) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        row = values.detach().float().cpu().reshape(-1)
-    else:
-        vals = [values] if isinstance(values, (int, float)) else list(values)
-        try:
-            row = torch.tensor([float(v) for v in vals], dtype=torch.float32)
-        except (TypeError, ValueError) as err:
-            raise SteeringSpecError(f"{name} = {values!r} is not a list of numbers") from err
+    if not isinstance(values, torch.Tensor):
+        values = [values] if isinstance(values, (int, float)) else values
+        if not isinstance(values, (list, tuple)):
+            raise SteeringSpecError(f"{name} = {values!r} is not a list of numbers")
+    row = finite(values, name, SteeringSpecError, what="strengths")
+    row = torch.as_tensor(row, dtype=torch.float32).reshape(-1)
     if row.numel() == 1 and n > 1:
         row = row.expand(n).clone()
     if row.numel() != n:
         raise SteeringSpecError(f"{name} has {row.numel()} values for {n} selected features")
-    if not bool(torch.isfinite(row).all()):
-        bad = int((~torch.isfinite(row)).nonzero()[0])
-        raise SteeringSpecError(f"{name}[{bad}] = {row[bad].item()} is not finite; "
-                                "NaN/inf strengths are never applied")
     return row

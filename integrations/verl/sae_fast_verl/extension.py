@@ -5,7 +5,7 @@ methods; replacing it would break both)."""
 
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 
-from sae_fast.backends.vllm import SAESteeringWorkerExtension
+from sae_fast.backends.vllm_engine import SAESteeringWorkerExtension
 
 QUALNAME = "sae_fast_verl.extension.SAEVerlWorkerExtension"
 

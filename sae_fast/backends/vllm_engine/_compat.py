@@ -39,7 +39,7 @@ def check_version() -> bool:
     ok = any(v == t or v.startswith(t + ".") for t in TESTED_VERSIONS)
     if not ok:
         log.warning("sae_fast: vLLM %s is outside the tested range %s; steering hooks rely on "
-                    "vLLM internals (sae_fast/backends/vllm/_compat.py)", v, TESTED_VERSIONS)
+                    "vLLM internals (sae_fast/backends/vllm_engine/_compat.py)", v, TESTED_VERSIONS)
     return ok
 
 

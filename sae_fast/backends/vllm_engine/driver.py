@@ -11,16 +11,16 @@ import json
 import logging
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from sae_fast.backends.requests import REQUEST_KEY, request_entries
-from sae_fast.backends.vllm import _compat
-from sae_fast.backends.vllm._compat import VLLMSteeringError
-from sae_fast.backends.vllm.admission import Admission, SteeringRequestError, state_of
-from sae_fast.backends.vllm.config import CONFIG_KEY, parse
-from sae_fast.backends.vllm.groups import (AttachedSAE, combine_salt, prepare_group,
-                                           resolve_request)
-from sae_fast.backends.vllm.patch import EXTENSION_QUALNAME, install
-from sae_fast.backends.vllm.transport import plan_payload
+from sae_fast.backends.common import AttachedSAE, layers_from, resolve_request, spec_from_kwargs
+from sae_fast.backends.vllm_engine import _compat
+from sae_fast.backends.vllm_engine._compat import VLLMSteeringError
+from sae_fast.backends.vllm_engine.admission import Admission, SteeringRequestError, state_of
+from sae_fast.backends.vllm_engine.config import CONFIG_KEY, parse
+from sae_fast.backends.vllm_engine.groups import combine_salt, prepare_group
+from sae_fast.backends.vllm_engine.patch import EXTENSION_QUALNAME, install
+from sae_fast.backends.vllm_engine.transport import plan_payload
 from sae_fast.plan import SteeringPlan, SteeringSpec, SteeringSpecError
+from sae_fast.request import DEFAULT_MODE, REQUEST_KEY, request_entries
 from sae_fast.sae import SAEWeights
 
 log = logging.getLogger(__name__)
@@ -187,23 +187,6 @@ class _EngineState:
         self.admission.add(group)
 
 
-def _spec_from(spec: Union[SteeringSpec, dict, None], features: Optional[Sequence[int]],
-               **kw: Any) -> SteeringSpec:
-    if spec is None:
-        if features is None:
-            raise SteeringSpecError("attach needs features=[...] (or spec=...)")
-        return SteeringSpec(features=list(features), **kw)
-    if isinstance(spec, dict):
-        return SteeringSpec.from_dict(spec)
-    return spec
-
-
-def _layers_from(layer: Optional[int], layers: Optional[Sequence[int]]) -> Optional[list[int]]:
-    if layer is not None and layers is not None:
-        raise SteeringSpecError("give layer or layers, not both")
-    return [layer] if layer is not None else (list(layers) if layers is not None else None)
-
-
 # =====================================================================
 # Handles
 # =====================================================================
@@ -345,7 +328,7 @@ class AsyncVLLMSteering(_Handle):
 def attach(llm: Any, sae: Union[SAEWeights, str, Any], *,
            spec: Union[SteeringSpec, dict, None] = None, layer: Optional[int] = None,
            layers: Optional[Sequence[int]] = None, features: Optional[Sequence[int]] = None,
-           mode: str = "set", max_activations: Any = None, strengths: Any = None,
+           mode: str = DEFAULT_MODE, max_activations: Any = None, strengths: Any = None,
            strength_scale: float = 1.0, min_strength: float = -5.0, max_strength: float = 5.0,
            topk_mode: str = "exact", name: Optional[str] = None,
            salt_prefix_cache: bool = True) -> VLLMSteering:
@@ -353,10 +336,11 @@ def attach(llm: Any, sae: Union[SAEWeights, str, Any], *,
     worker of an offline ``llm`` at ``layer``/``layers`` (which must have
     slots: ``engine_args(layers=...)``) and return a :class:`VLLMSteering`.
     Requests then steer through ``SamplingParams.extra_args``."""
-    spec = _spec_from(spec, features, mode=mode, max_activations=max_activations,
-                      strengths=strengths, strength_scale=strength_scale,
-                      min_strength=min_strength, max_strength=max_strength, topk_mode=topk_mode)
-    lay = _layers_from(layer, layers)
+    spec = spec_from_kwargs(spec, features=features, mode=mode, max_activations=max_activations,
+                            strengths=strengths, strength_scale=strength_scale,
+                            min_strength=min_strength, max_strength=max_strength,
+                            topk_mode=topk_mode)
+    lay = layers_from(layer, layers)
     st = _EngineState.of(llm)
     group, payload = st.prepare(sae, spec, lay, name, salt_prefix_cache)
     try:
@@ -374,7 +358,7 @@ def attach(llm: Any, sae: Union[SAEWeights, str, Any], *,
 async def attach_async(engine: Any, sae: Union[SAEWeights, str, Any], *,
                        spec: Union[SteeringSpec, dict, None] = None, layer: Optional[int] = None,
                        layers: Optional[Sequence[int]] = None,
-                       features: Optional[Sequence[int]] = None, mode: str = "set",
+                       features: Optional[Sequence[int]] = None, mode: str = DEFAULT_MODE,
                        max_activations: Any = None, strengths: Any = None,
                        strength_scale: float = 1.0, min_strength: float = -5.0,
                        max_strength: float = 5.0, topk_mode: str = "exact",
@@ -382,10 +366,11 @@ async def attach_async(engine: Any, sae: Union[SAEWeights, str, Any], *,
                        salt_prefix_cache: bool = True) -> AsyncVLLMSteering:
     """:func:`attach` for an ``AsyncLLM`` (or any vLLM ``EngineClient`` whose
     ``collective_rpc`` is a coroutine)."""
-    spec = _spec_from(spec, features, mode=mode, max_activations=max_activations,
-                      strengths=strengths, strength_scale=strength_scale,
-                      min_strength=min_strength, max_strength=max_strength, topk_mode=topk_mode)
-    lay = _layers_from(layer, layers)
+    spec = spec_from_kwargs(spec, features=features, mode=mode, max_activations=max_activations,
+                            strengths=strengths, strength_scale=strength_scale,
+                            min_strength=min_strength, max_strength=max_strength,
+                            topk_mode=topk_mode)
+    lay = layers_from(layer, layers)
     st = await _EngineState.of_async(engine)
     group, payload = st.prepare(sae, spec, lay, name, salt_prefix_cache)
     try:

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sae_fast.plan import MODES, TOPK_MODES, SteeringSpec, SteeringSpecError
+from sae_fast.backends.common import layers_from, spec_from_kwargs
+from sae_fast.plan import SteeringSpec
+from sae_fast.request import DEFAULT_MODE, Mode, SteeringSpecError, TopKMode
 
 CONFIG_KEY = "sae_fast"  # key in VllmConfig.additional_config (part of vLLM's compile-cache key)
 
-Mode = Literal[MODES]  # type: ignore[valid-type]
-TopKMode = Literal[TOPK_MODES]  # type: ignore[valid-type]
 
 
 class SAEEntry(BaseModel):
@@ -37,7 +37,7 @@ class SAEEntry(BaseModel):
     layer: Optional[int] = None
     layers: Optional[list[int]] = None
     features: list[int] = Field(min_length=1)
-    mode: Mode = "set"
+    mode: Mode = DEFAULT_MODE
     max_activations: Optional[list[float]] = None
     strengths: Optional[list[float]] = None
     strength_scale: float = 1.0
@@ -46,15 +46,14 @@ class SAEEntry(BaseModel):
     topk_mode: TopKMode = "exact"
 
     def layer_list(self) -> Optional[list[int]]:
-        if self.layer is not None and self.layers is not None:
-            raise SteeringSpecError(f"SAE {self.name!r}: give layer or layers, not both")
-        return [self.layer] if self.layer is not None else self.layers
+        try:
+            return layers_from(self.layer, self.layers)
+        except SteeringSpecError as err:
+            raise SteeringSpecError(f"SAE {self.name!r}: {err}") from None
 
     def spec(self) -> SteeringSpec:
-        return SteeringSpec(features=list(self.features), mode=self.mode,
-                            max_activations=self.max_activations, strengths=self.strengths,
-                            strength_scale=self.strength_scale, min_strength=self.min_strength,
-                            max_strength=self.max_strength, topk_mode=self.topk_mode)
+        """The entry's steering fields (the attach vocabulary) as a SteeringSpec."""
+        return spec_from_kwargs(**self.model_dump(exclude={"name", "path", "layer", "layers"}))
 
     def fingerprint(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)

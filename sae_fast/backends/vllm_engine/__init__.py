@@ -45,18 +45,18 @@ max_num_seqs`` a scheduled steered request always has one) and writes the
 token -> row map with one ``np.repeat`` + ``copy_``.
 """
 
-from sae_fast.backends.requests import REQUEST_KEY, request_entries  # noqa: F401
-from sae_fast.backends.vllm._compat import VLLMSteeringError  # noqa: F401
-from sae_fast.backends.vllm.admission import SteeringRequestError  # noqa: F401
-from sae_fast.backends.vllm.config import CONFIG_KEY  # noqa: F401
-from sae_fast.backends.vllm.driver import (AsyncVLLMSteering, VLLMSteering, attach,  # noqa: F401
+from sae_fast.backends.common import AttachedSAE, resolve_request  # noqa: F401
+from sae_fast.backends.vllm_engine._compat import VLLMSteeringError  # noqa: F401
+from sae_fast.backends.vllm_engine.admission import SteeringRequestError  # noqa: F401
+from sae_fast.backends.vllm_engine.config import CONFIG_KEY  # noqa: F401
+from sae_fast.backends.vllm_engine.driver import (AsyncVLLMSteering, VLLMSteering, attach,  # noqa: F401
                                            attach_async, detach_all, detach_async,
                                            engine_args, generate, set_enabled,
                                            set_enabled_async, stats, stats_async,
                                            steering_cache_salt)
-from sae_fast.backends.vllm.groups import AttachedSAE, resolve_request  # noqa: F401
-from sae_fast.backends.vllm.patch import EXTENSION_QUALNAME, install, uninstall  # noqa: F401
-from sae_fast.backends.vllm.worker import LayerSlot, SAESteeringWorkerExtension  # noqa: F401
+from sae_fast.backends.vllm_engine.patch import EXTENSION_QUALNAME, install, uninstall  # noqa: F401
+from sae_fast.backends.vllm_engine.worker import LayerSlot, SAESteeringWorkerExtension  # noqa: F401
+from sae_fast.request import REQUEST_KEY, request_entries  # noqa: F401
 
 try:  # every process that resolves our worker extension imports this package
     install()

@@ -20,13 +20,13 @@ from typing import Any, Optional
 import torch
 
 from sae_fast.backends.common import UnsupportedModelError
-from sae_fast.backends.vllm import _compat
-from sae_fast.backends.vllm.config import CONFIG_KEY, ServeConfig, parse
-from sae_fast.backends.vllm.worker import RUNNER_ATTR, SLOT_ATTR, WorkerSteering
+from sae_fast.backends.vllm_engine import _compat
+from sae_fast.backends.vllm_engine.config import CONFIG_KEY, ServeConfig, parse
+from sae_fast.backends.vllm_engine.worker import RUNNER_ATTR, SLOT_ATTR, WorkerSteering
 
 log = logging.getLogger(__name__)
 
-EXTENSION_QUALNAME = "sae_fast.backends.vllm.SAESteeringWorkerExtension"
+EXTENSION_QUALNAME = "sae_fast.vllm.SAESteeringWorkerExtension"
 
 _PATCHED_CLASSES: dict[type, Any] = {}
 _RUNNER_PATCHES: dict[type, Any] = {}
@@ -42,7 +42,7 @@ def opted_in(vllm_config: Any) -> Optional[ServeConfig]:
     ours = ext == EXTENSION_QUALNAME
     if not ours and ext:
         try:
-            from sae_fast.backends.vllm.worker import SAESteeringWorkerExtension
+            from sae_fast.backends.vllm_engine.worker import SAESteeringWorkerExtension
 
             ours = issubclass(_compat.resolve_qualname(ext), SAESteeringWorkerExtension)
         except Exception:
@@ -111,7 +111,7 @@ def install() -> None:
             continue
         _RUNNER_PATCHES[cls] = _compat.wrap_runner_load_model(cls, setup_runner)
     if not _UNDO_ADMISSION:
-        from sae_fast.backends.vllm.admission import admit
+        from sae_fast.backends.vllm_engine.admission import admit
 
         try:
             _UNDO_ADMISSION.append(_compat.wrap_assign_request_id(admit))

@@ -18,16 +18,17 @@ import torch
 from torch import nn
 
 from sae_fast.backends.common import UnsupportedModelError, decoder_layers, resolve_layer
-from sae_fast.backends.requests import request_entries
 from sae_fast.backends.tables import SteeringTables
-from sae_fast.backends.vllm import _compat
-from sae_fast.backends.vllm._compat import VLLMSteeringError
-from sae_fast.backends.vllm.config import ServeConfig
-from sae_fast.backends.vllm.groups import (DEFAULT_MAX_FEATURES, AttachedSAE, prepare_group,
-                                           resolve_request)
-from sae_fast.backends.vllm.transport import plan_from_payload
+from sae_fast.checks import atomic_write
+from sae_fast.backends.vllm_engine import _compat
+from sae_fast.backends.vllm_engine._compat import VLLMSteeringError
+from sae_fast.backends.vllm_engine.config import ServeConfig
+from sae_fast.backends.common import AttachedSAE, resolve_request
+from sae_fast.backends.vllm_engine.groups import DEFAULT_MAX_FEATURES, prepare_group
+from sae_fast.backends.vllm_engine.transport import plan_from_payload
 from sae_fast.ops import codes
 from sae_fast.plan import SteeringPlan, SteeringSpec, SteeringSpecError
+from sae_fast.request import request_entries
 from sae_fast.stats import SteeringStats
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class WorkerSteering:
                 self.remote.add(i)
                 continue
             check_layer_structure(layer, i, vcfg)
-            from sae_fast.backends.vllm.patch import patch_layer_class
+            from sae_fast.backends.vllm_engine.patch import patch_layer_class
 
             slot = LayerSlot(i, self.hidden_size, self.capacity, self.max_rows, self.row_index,
                              self.device, self.dtype)
@@ -350,10 +351,7 @@ class WorkerSteering:
         (launchers whose RPCs return nothing, e.g. verl's servers, read it)."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"worker-{os.getpid()}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.stats_dict(), default=str))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(self.stats_dict(), default=str))
 
     # ---------------------------------------------------------------- per step
     def on_step(self, scheduler_output: Any, req_ids: Sequence[str],
@@ -541,7 +539,7 @@ class SAESteeringWorkerExtension:
         if ws is None:
             raise VLLMSteeringError(
                 "sae_fast steering is not set up in this worker: the model was loaded before "
-                "sae_fast.backends.vllm was imported, or the engine did not ask for it "
+                "sae_fast.backends.vllm_engine was imported, or the engine did not ask for it "
                 "(create it with sae_fast.vllm.engine_args())")
         return ws
 

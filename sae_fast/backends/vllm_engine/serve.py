@@ -5,7 +5,7 @@
 builds exactly the vLLM arguments a user could type themselves,
 
     python -m vllm.entrypoints.openai.api_server --model MODEL \\
-        --worker-extension-cls sae_fast.backends.vllm.SAESteeringWorkerExtension \\
+        --worker-extension-cls sae_fast.vllm.SAESteeringWorkerExtension \\
         --additional-config '{"sae_fast": {"saes": [{"path": PATH, "layer": L, ...}]}}' \\
         [vLLM flags]
 
@@ -23,8 +23,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from sae_fast.backends.vllm.config import CONFIG_KEY, parse
-from sae_fast.backends.vllm.patch import EXTENSION_QUALNAME
+from sae_fast.backends.vllm_engine.config import CONFIG_KEY, parse
+from sae_fast.backends.vllm_engine.patch import EXTENSION_QUALNAME
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from sae_fast.backends.requests import request_entries
-from sae_fast.backends.vllm import _compat
-from sae_fast.backends.vllm.config import ServeConfig
-from sae_fast.backends.vllm.groups import (AttachedSAE, combine_salt, resolve_request,
-                                           steering_fingerprint)
+from sae_fast.backends.common import AttachedSAE, resolve_request
+from sae_fast.backends.vllm_engine import _compat
+from sae_fast.backends.vllm_engine.config import ServeConfig
+from sae_fast.backends.vllm_engine.groups import combine_salt, steering_fingerprint
 from sae_fast.plan import SteeringSpecError
+from sae_fast.request import request_entries
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Admission:
     attach/enable epoch (part of every salt), and counters."""
 
     def __init__(self, vllm_config: Any, cfg: ServeConfig) -> None:
-        from sae_fast.backends.vllm.worker import configured_groups
+        from sae_fast.backends.vllm_engine.worker import configured_groups
 
         self.config = cfg
         self.groups: dict[str, AttachedSAE] = {}
@@ -127,7 +127,7 @@ def state_of(processor: Any) -> Optional[Admission]:
         return None
     if st is not None:
         return st
-    from sae_fast.backends.vllm.patch import opted_in
+    from sae_fast.backends.vllm_engine.patch import opted_in
 
     vcfg = getattr(processor, "vllm_config", None)
     cfg = opted_in(vcfg) if vcfg is not None else None
