@@ -135,11 +135,24 @@ def test_generate_fixed_and_predicted_strengths(task, tmp_path, capsys):
     assert len(completions(plain)) == 2 and completions(steered) != completions(plain)
     from sae_fast.predictor import PredictorConfig, StrengthPredictor
 
-    StrengthPredictor(PredictorConfig(input_dim=128, num_features=1, features=[3],
-                                      steering={"mode": "add", "layers": [-1]})).save(
-        tmp_path / "pred")
+    pred = StrengthPredictor(PredictorConfig(input_dim=128, num_features=1, features=[3],
+                                             steering={"mode": "add", "layers": [-1]}))
+    with torch.no_grad():  # strengths well away from 0, so steering visibly ran
+        pred.mean_head.bias.fill_(1.5)
+    pred.save(tmp_path / "pred")
     assert main(base + ["--sae", task.sae_path, "--predictor", str(tmp_path / "pred")]) == 0
-    assert "strengths=" in capsys.readouterr().out
+    predicted = capsys.readouterr().out
+    assert completions(predicted) != completions(plain)
+    # each prompt's predicted strength, replayed as a fixed add-mode strength, gives the same text
+    for i, part in enumerate(predicted.split("### prompt ")[1:]):
+        s = json.loads(part.split("strengths=", 1)[1].split("\n", 1)[0])
+        assert len(s) == 1 and abs(s[0]) > 1.0
+        prompt = base[4] if i == 0 else base[6]
+        one = ["generate", "--model", task.model_path, "--prompt", prompt, "--max-new-tokens", "5",
+               "--sae", task.sae_path, "--features", "3", "--mode", "add", "--layer", "-1",
+               "--strengths", repr(s[0])]
+        assert main(one) == 0
+        assert completions(capsys.readouterr().out) == [completions(predicted)[i]]
     assert main(base + ["--features", "3"]) == 2
     assert "needs --sae" in capsys.readouterr().err
     assert main(base + ["--predictor", str(tmp_path / "pred")]) == 2  # records no SAE path

@@ -17,7 +17,7 @@ SEED_KEYS = ["enable", "model_path", "hidden_size", "num_features", "target_laye
 
 
 def test_sae_block_has_every_spec_key():
-    names = set(SAEConfig.__dataclass_fields__)
+    names = set(SAEConfig.model_fields)
     assert set(SEED_KEYS) <= names
 
 
@@ -50,8 +50,10 @@ def test_unknown_keys_rejected_with_their_name(data, key):
     ({"num_features": 3, "selected_features": [1, 2]}, "num_features=3"),
     ({"feature_idx": 1, "feature_idxs": [2, 3]}, "select different features"),
     ({"selected_features": [1, 1]}, "selected twice"),
-    ({"selected_features": [-1]}, "negative"),
-    ({"selected_features": []}, "empty"),
+    ({"selected_features": [-1]},
+     r"sae\.selected_features\[0\] = -1: Input should be greater than or equal to 0"),
+    ({"selected_features": []}, r"sae\.selected_features = \[\]: List should have at least 1"),
+    ({"target_layers": [1, 1]}, r"sae\.target_layers: \[1, 1\] lists a layer twice"),
     ({"max_activation": 1.0, "max_activations": [1.0]}, "not both"),
     ({"selected_features": [1, 2], "max_activations": [1.0, 2.0, 3.0]}, "3 values for 2"),
     ({"selected_features": [1], "strengths": [9.0]}, "outside"),
@@ -61,7 +63,7 @@ def test_unknown_keys_rejected_with_their_name(data, key):
     ({"predictor_layers": -1}, "predictor_layers"),
     ({"hidden_size": "big"}, "sae.hidden_size"),
     ({"enable": "yes"}, "sae.enable"),
-    ({"strength_scale": float("nan")}, "not finite"),
+    ({"strength_scale": float("nan")}, r"sae\.strength_scale = nan: Input should be a finite"),
 ])
 def test_bad_sae_values_name_the_key(sae, match):
     with pytest.raises(ConfigError, match=match):
@@ -158,16 +160,17 @@ def test_example_config_loads():
 
 
 @pytest.mark.parametrize("yaml_text,match", [
-    # YAML's .inf is a float: refused as not finite, and the message says so
+    # YAML's .inf / .nan are floats: refused by pydantic's allow_inf_nan=False, naming the key
     ("sae:\n  selected_features: [1]\n  strengths: [.inf]\n",
-     r"sae\.strengths: \[inf\] does not fit .*sae\.strengths\[0\]: inf is not finite"),
-    # a bare `inf` is a string in YAML: refused as not a number
+     r"sae\.strengths\[0\] = inf: Input should be a finite number"),
+    # a bare `inf` is a string in YAML: refused as not a number (strict: never parsed)
     ("sae:\n  selected_features: [1]\n  strengths: [inf]\n",
-     r"sae\.strengths\[0\]: expected a number, got 'inf'"),
-    ("sae:\n  max_activation: .nan\n", r"sae\.max_activation: nan does not fit .*nan is not finite"),
-    ("sae:\n  target_layer: 1.5\n", r"sae\.target_layer: 1\.5 does not fit .*expected an integer"),
+     r"sae\.strengths\[0\] = 'inf': Input should be a valid number"),
+    ("sae:\n  max_activation: .nan\n", r"sae\.max_activation = nan: Input should be a finite"),
+    ("algorithm:\n  lr: -.inf\n", r"algorithm\.lr = -inf: Input should be a finite number"),
+    ("sae:\n  target_layer: 1.5\n", r"sae\.target_layer = 1\.5: Input should be a valid integer"),
 ])
-def test_union_errors_keep_their_reason(tmp_path, yaml_text, match):
+def test_yaml_errors_name_the_key_and_value(tmp_path, yaml_text, match):
     path = tmp_path / "c.yaml"
     path.write_text(yaml_text)
     with pytest.raises(ConfigError, match=match):
@@ -177,3 +180,102 @@ def test_union_errors_keep_their_reason(tmp_path, yaml_text, match):
 def test_record_activations_defaults_to_what_the_backend_can_do():
     assert Config.from_dict({}).trainer.record_activations is None
     assert Config.from_dict({"trainer": {"record_activations": False}}).trainer.record_activations is False
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"model": {"path": 3}}, r"^model\.path = 3: Input should be a valid string$"),
+    ({"reward": {"name": 1.5}}, r"^reward\.name = 1\.5: Input should be a valid string$"),
+    ({"trainer": {"output_dir": 7}}, r"^trainer\.output_dir = 7: Input should be a valid string$"),
+    ({"data": {"train_files": ["a.jsonl", 2]}},
+     r"^data\.train_files\[1\] = 2: Input should be a valid string$"),
+])
+def test_a_number_for_a_str_field_is_refused_not_converted(data, match):
+    with pytest.raises(ConfigError, match=match):
+        Config.from_dict(data)
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("sae", "strength_scale", float("nan")), ("sae", "max_strength", float("inf")),
+    ("rollout", "temperature", float("inf")), ("algorithm", "clip_ratio", float("nan")),
+    ("trainer", "val_constant_grid", [0.0, float("-inf")]),
+])
+def test_nan_and_inf_are_refused_naming_the_key(section, key, value):
+    with pytest.raises(ConfigError, match=rf"^{section}\.{key}(\[\d\])? = .*finite number"):
+        Config.from_dict({section: {key: value}})
+
+
+@pytest.mark.parametrize("key,value,bound", [
+    ("rollout.top_p", 0, "greater than 0"), ("rollout.top_p", 1.5, "less than or equal to 1"),
+    ("algorithm.lr", 0, "greater than 0"), ("algorithm.lr", -1e-3, "greater than 0"),
+    ("rollout.top_k", -1, "greater than or equal to 0"),
+    ("algorithm.ema_decay", 1.0, "less than 1"), ("trainer.keep_checkpoints", 0, "greater than"),
+    ("embedding.max_length", 0, "greater than"), ("data.max_val_samples", 0, "greater than"),
+    ("sae.hidden_size", 0, "greater than or equal to 1"),
+])
+def test_field_bounds_name_the_key_and_the_value(key, value, bound):
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', r'[.]')} = {value!r}: .*{bound}"):
+        load_config(None, values={key: value})
+    assert load_config(None, values={key: 0.5 if "top_p" in key or "ema" in key else 1})
+
+
+@pytest.mark.parametrize("data,key,expected", [
+    ({"sae": {"strenght_scale": 2}}, "sae.strenght_scale", "strength_scale"),
+    ({"rollout": {"vllm_kwargs": {}, "topp": 0.9}}, "rollout.topp", "top_p"),
+    ({"trainer": {"seed": 1, "sed": 2}}, "trainer.sed", "seed"),
+    ({"model": {"paht": "m"}}, "model.paht", "trust_remote_code"),
+])
+def test_unknown_nested_key_is_named_with_its_dotted_path(data, key, expected):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}'; expected one of: .*"
+                                          rf"\b{expected}\b") as err:
+        Config.from_dict(data)
+    assert str(err.value).startswith(f"unknown config key '{key}'")
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"sae": {"max_strength": "abc"}, "rollout": {"top_p": 1.5}})
+    assert "sae.max_strength = 'abc'" in str(err.value) and "rollout.top_p = 1.5" in str(err.value)
+
+
+def test_default_mode_is_set():
+    assert SAEConfig().mode == "set"
+    assert Config.from_dict({"sae": {"num_features": 2}}).sae.steering_spec().mode == "set"
+    assert Config.from_dict({"sae": {"mode": "add"}}).sae.mode == "add"
+
+
+def test_demo_tasks_and_the_example_say_add_explicitly():
+    from sae_fast.train.tasks import SteeringTask
+
+    task = SteeringTask("m", "s", "t", "v", feature=1, layer=0, token_sets={})
+    assert task.overrides()["sae.mode"] == "add"
+    assert load_config(ROOT / "examples" / "sae_ppo_config.yaml").sae.mode == "add"
+
+
+def test_direct_construction_and_assignment_raise_config_error():
+    with pytest.raises(ConfigError, match=r"^sae\.predictor_layers = -1: "):
+        SAEConfig(predictor_layers=-1)
+    cfg = Config.from_dict({"sae": {"num_features": 2}})
+    with pytest.raises(ConfigError, match=r"^rollout\.top_p = 2: "):
+        cfg.rollout.top_p = 2
+    with pytest.raises(ConfigError, match=r"^sae\.min_strength: min_strength=9\.0 > max_strength"):
+        cfg.sae.min_strength = 9
+    assert cfg.rollout.top_p == 1.0 and cfg.sae.min_strength == -5.0  # refused values not kept
+    cfg.trainer.seed = 4
+    assert cfg.trainer.seed == 4
+
+
+def test_strict_types_refuse_lax_coercions():
+    for sae, key in [({"enable": "true"}, "sae.enable"),
+                     ({"num_features": "3"}, "sae.num_features"),
+                     ({"num_features": True}, "sae.num_features"),
+                     ({"max_strength": "5"}, "sae.max_strength")]:
+        with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')} = "):
+            Config.from_dict({"sae": sae})
+    assert Config.from_dict({"sae": {"max_strength": 3}}).sae.max_strength == 3.0  # int -> float
+
+
+def test_empty_yaml_section_means_its_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sae:\n  # num_features: 4\ntrainer:\n")
+    cfg = load_config(path)
+    assert cfg.sae == SAEConfig() and cfg.trainer.batch_size == 8

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from sae_fast.request import DEFAULT_MODE, MODES
+
 log = logging.getLogger("sae_fast.cli")
 
 
@@ -107,9 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from sae_fast.generate import load_hf
+    """Inference only: sae_fast.generate over an HF model (with a predictor's
+    strengths, embedded by the unsteered model before steering is attached)."""
+    from sae_fast.generate import format_prompts, generate, load_hf
+    from sae_fast.plan import SteeringSpec
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -118,78 +121,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: give --prompt (repeatable) or --prompts-file", file=sys.stderr)
         return 2
-    model, tok = load_hf(args.model)
-    texts = prompts
-    if args.chat and getattr(tok, "chat_template", None):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p in prompts]
-    from sae_fast.train.rollout import Decoding, HFRolloutEngine
-
-    decoding = Decoding(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                        temperature=args.temperature, seed=args.seed)
-    if args.sae is None and args.predictor:
+    pred = None
+    if args.predictor:
         from sae_fast.predictor import StrengthPredictor
 
-        args.sae = (StrengthPredictor.load(args.predictor).config.steering or {}).get("sae_model_path")
+        pred = StrengthPredictor.load(args.predictor)
         if args.sae is None:
-            print("error: the predictor does not record its SAE; pass --sae", file=sys.stderr)
-            return 2
-    if args.sae is None:
-        if args.features:
-            print("error: --features needs --sae", file=sys.stderr)
-            return 2
-        engine = HFRolloutEngine(model, tok)
-        strengths = None
-    else:
-        from sae_fast.plan import SteeringSpec
-
-        if args.predictor:
-            from sae_fast.predictor import StrengthPredictor
-            from sae_fast.train.embeddings import QuestionEmbedder
-
-            pred = StrengthPredictor.load(args.predictor)
-            pc = pred.config
-            st = pc.steering or {}
-            lo, hi = pc.effective_bounds()
-            spec = SteeringSpec(features=pc.features or list(range(pc.num_features)),
-                                mode=st.get("mode", "add"),
-                                max_activations=st.get("max_activations"), strength_scale=1.0,
-                                min_strength=lo, max_strength=hi,
-                                topk_mode=st.get("topk_mode", "exact"))
-            layers = st.get("layers") or [-1]
-            emb_cfg = pc.embedding or {}
-            engine = HFRolloutEngine(model, tok, args.sae, spec, layers=layers,
-                                     max_batch=max(len(texts), 1),
-                                     strength_schedule=st.get("strength_schedule", "constant"))
-            embedder = QuestionEmbedder(model, tok, source=emb_cfg.get("source", "hidden"),
-                                        layer=emb_cfg.get("layer") if emb_cfg.get("layer") is not None
-                                        else layers[0],
-                                        exclude_special_tokens=emb_cfg.get("exclude_special_tokens", True),
-                                        guard=engine.unsteered)
-            pred.attach_embedder(embedder)
-            strengths = pred.predict_strengths(texts=texts)
-        else:
-            if not args.features:
-                print("error: --sae needs --features (or --predictor)", file=sys.stderr)
+            args.sae = (pred.config.steering or {}).get("sae_model_path")
+            if args.sae is None:
+                print("error: the predictor does not record its SAE; pass --sae", file=sys.stderr)
                 return 2
-            vals = args.strengths if args.strengths else [1.0]
-            lo, hi = args.min_strength * args.strength_scale, args.max_strength * args.strength_scale
-            spec = SteeringSpec(features=args.features, mode=args.mode,
-                                max_activations=args.max_activations, strength_scale=1.0,
-                                min_strength=min(lo, hi), max_strength=max(lo, hi))
-            engine = HFRolloutEngine(model, tok, args.sae, spec,
-                                     layers=[args.layer] if args.layer is not None else None,
-                                     max_batch=max(len(texts), 1))
-            row = [v * args.strength_scale for v in vals]
-            if len(row) == 1:
-                row = row * spec.k
-            strengths = torch.tensor([row] * len(texts))
-    with engine:
-        outs = engine.generate(texts, strengths, decoding)
+    if args.sae is None and args.features:
+        print("error: --features needs --sae", file=sys.stderr)
+        return 2
+    if args.sae is not None and pred is None and not args.features:
+        print("error: --sae needs --features (or --predictor)", file=sys.stderr)
+        return 2
+    model, tok = load_hf(args.model)
+    texts = format_prompts(tok, prompts, args.chat)
+    steer: dict = {}
+    strengths = None
+    if pred is not None:
+        from sae_fast.train.embeddings import QuestionEmbedder
+
+        pc, st = pred.config, pred.config.steering or {}
+        lo, hi = pc.effective_bounds()
+        layers = st.get("layers") or [-1]
+        steer = dict(spec=SteeringSpec(
+            features=pc.features or list(range(pc.num_features)),
+            mode=st.get("mode", DEFAULT_MODE), max_activations=st.get("max_activations"),
+            min_strength=lo, max_strength=hi, topk_mode=st.get("topk_mode", "exact")),
+            layers=layers, strength_schedule=st.get("strength_schedule", "constant"))
+        emb = pc.embedding or {}
+        # no steering is attached yet: the question embedding is the unsteered model's
+        pred.attach_embedder(QuestionEmbedder(
+            model, tok, source=emb.get("source", "hidden"),
+            layer=emb["layer"] if emb.get("layer") is not None else layers[0],
+            exclude_special_tokens=emb.get("exclude_special_tokens", True)))
+        strengths = pred.predict_strengths(texts=texts)
+    elif args.sae is not None:
+        lo, hi = args.min_strength * args.strength_scale, args.max_strength * args.strength_scale
+        spec = SteeringSpec(features=args.features, mode=args.mode,
+                            max_activations=args.max_activations,
+                            min_strength=min(lo, hi), max_strength=max(lo, hi))
+        row = [v * args.strength_scale for v in (args.strengths or [1.0])]
+        strengths = [row * spec.k if len(row) == 1 else row] * len(texts)
+        steer = dict(spec=spec, layer=args.layer)
+    sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else {}
+    outs = generate(model, texts, args.sae, tokenizer=tok, strengths=strengths,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, **steer, **sampling)
     for i, (p, o) in enumerate(zip(prompts, outs)):
         s = "" if strengths is None else "  strengths=" + json.dumps(
             [round(float(x), 3) for x in strengths[i]])
-        print(f"### prompt {i}{s}\n{p}\n--- completion\n{o.text}\n")
+        print(f"### prompt {i}{s}\n{p}\n--- completion\n{o}\n")
     return 0
 
 
@@ -400,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--features", type=int, nargs="+", help="SAE feature indices to steer")
     g.add_argument("--strengths", type=float, nargs="+", help="one per feature, or one for all")
     g.add_argument("--max-activations", type=float, nargs="+")
-    g.add_argument("--mode", default="add", help="add | set | clamp | scale | ablate | clamp_direction")
+    g.add_argument("--mode", default=DEFAULT_MODE, choices=MODES,
+                   help=f"steering mode (default {DEFAULT_MODE})")
     g.add_argument("--layer", type=int, help="decoder layer (negative counts from the end)")
     g.add_argument("--strength-scale", type=float, default=1.0)
     g.add_argument("--min-strength", type=float, default=-5.0)
@@ -441,9 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps (default: 30 for SmolLM2, 40 with --tiny)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="SmolLM2 demo only")
     d.add_argument("--sae-dir", default=None,
-                   help="SmolLM2 demo: SAE folder holding demo_task.json (default: assets/smollm2_sae)")
+                   help="SmolLM2 demo: SAE folder holding demo_task.json (default: the shipped "
+                   "one, package data sae_fast/assets/smollm2_sae)")
     d.add_argument("--data-dir", default=None,
-                   help="SmolLM2 demo: folder of demo_{train,val}.jsonl (default: examples/data)")
+                   help="SmolLM2 demo: folder of demo_{train,val}.jsonl (default: the shipped "
+                   "ones, package data sae_fast/assets/demo_data)")
     d.add_argument("--resume", action="store_true",
                    help="SmolLM2 demo: continue from the latest checkpoint in --output-dir")
     d.add_argument("--threads", type=int, default=1,
@@ -460,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # every flag we do not know goes to vLLM's server unchanged
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        from sae_fast.backends.vllm.serve import run
+        from sae_fast.backends.vllm_engine.serve import run
 
         try:
             return run(argv[1:])

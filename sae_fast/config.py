@@ -1,5 +1,5 @@
 """Configuration schema: the ``sae:`` block (SPEC section 2) and the standalone
-trainer's sections, as dataclasses.
+trainer's sections, as pydantic v2 models.
 
 Every key is validated and unknown keys are rejected with their full dotted
 name, so a typo never silently falls back to a default::
@@ -15,242 +15,198 @@ name, so a typo never silently falls back to a default::
 
 ``load_config(path, overrides=["sae.strength_scale=2", ...])`` reads YAML (or
 JSON), applies dotted overrides (values parsed as YAML) and validates.
+
+Why pydantic v2 (and not OmegaConf structured configs): the vLLM server block
+(``sae_fast.backends.vllm_engine.config``) already uses it; its errors carry a
+location tuple that :func:`_describe` turns into the dotted key and the bad
+value (``rollout.top_p = 1.5: ...``); and ``extra="forbid"``, ``Literal`` types,
+``Field`` bounds and ``allow_inf_nan=False`` state the schema without
+hand-written checks. Models are ``strict``: a number for a ``str`` field, a
+string for a number or ``"yes"`` for a bool is refused, never converted (an
+int is still accepted for a float). verl's own config is OmegaConf; it reaches
+these models as plain dicts (``OmegaConf.to_container``) in
+``integrations/verl/sae_fast_verl/config.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import logging
-import math
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 
-log = logging.getLogger(__name__)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STEERING_MODES = ("add", "set", "clamp", "scale", "ablate", "clamp_direction")
-SCHEDULES = ("constant", "linear", "cosine")
+from sae_fast.request import DEFAULT_MODE, Mode, Schedule, TopKMode
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the key."""
 
 
-# --------------------------------------------------------------------------- schema helpers
-def _fail(path: str, msg: str) -> None:
-    raise ConfigError(f"{path}: {msg}")
+class _Refused(ValueError):
+    """Raised by a cross-field check: ``key`` is the field it blames."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(msg)
+        self.key, self.msg = key, msg
 
 
-def _finite(path: str, value: float) -> float:
-    if not math.isfinite(value):
-        _fail(path, f"{value} is not finite")
-    return value
+# --------------------------------------------------------------------------- errors
+def _dotted(prefix: str, loc: Sequence[Any]) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against a type hint; returns the (lightly coerced) value."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for sub in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, sub, path)
-            except ConfigError as err:
-                errors.append(str(err))
-        reasons = "; ".join(errors)
-        _fail(path, f"{value!r} does not fit {_type_name(tp)} ({reasons})")
-    if origin is Literal:
-        if value not in args:
-            _fail(path, f"{value!r} is not one of {', '.join(repr(a) for a in args)}")
-        return value
-    if origin in (list, Sequence) or tp is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            _fail(path, f"expected a list, got {type(value).__name__} {value!r}")
-        sub = args[0] if args else Any
-        return [_coerce(v, sub, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            _fail(path, f"expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(path, f"expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            _fail(path, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(path, f"expected a number, got {value!r}")
-        return _finite(path, float(value))
-    if tp is str:
-        if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            _fail(path, f"expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"config schema: unsupported type {tp!r} at {path}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _describe(err: ValidationError, root: type, prefix: str = "") -> str:
+    """One line per pydantic error, each naming the full dotted key."""
+    parts = []
+    for e in err.errors():
+        loc, cause = tuple(e.get("loc", ())), (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _Refused):
+            parts.append(f"{_dotted(prefix, loc + (cause.key,))}: {cause.msg}")
+        elif e.get("type") == "extra_forbidden":
+            model = root
+            for part in loc[:-1]:
+                model = model.model_fields[part].annotation
+            parts.append(f"unknown config key {_dotted(prefix, loc)!r}; expected one of: "
+                         f"{', '.join(model.model_fields)}")
+        else:
+            parts.append(f"{_dotted(prefix, loc) or root.__name__} = {e.get('input')!r}: "
+                         f"{e.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    """Validate model ``cls`` from a mapping; errors name ``path.key``."""
+    if isinstance(data, cls):
+        return data
     if data is None:
         data = {}
-    if dataclasses.is_dataclass(data) and isinstance(data, cls):
-        return data
     if not isinstance(data, dict):
-        _fail(path or cls.__name__, f"expected a mapping of keys, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise ConfigError(f"unknown config key {key!r}; expected one of: {', '.join(names)}")
-    kwargs = {}
-    for name in names:
-        if name in data:
-            sub = f"{path}.{name}" if path else name
-            kwargs[name] = _coerce(data[name], hints[name], sub)
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping of keys, got "
+                          f"{type(data).__name__} {data!r}")
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path or cls.__name__}: {err}") from err
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, cls, path)) from None
 
 
-class _Section:
-    """Mixin: section name for error messages and a validate() hook."""
+class _Section(BaseModel):
+    """A config section: strict, closed, finite; errors are ConfigError."""
 
-    _section = ""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              validate_assignment=True)
+    _section: ClassVar[str] = ""
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(_describe(err, type(self), self._section)) from None
 
-    def validate(self) -> None:
-        pass
+    # Only direct construction comes through __init__: nested sections and
+    # model_validate() keep pydantic's own path (whole location tuples).
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
-    def _err(self, key: str, msg: str) -> None:
-        _fail(f"{self._section}.{key}", msg)
+    def __setattr__(self, name: str, value: Any) -> None:
+        old = self.__dict__.get(name)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as err:
+            if name in self.__dict__:  # pydantic keeps a value its model validator refused
+                self.__dict__[name] = old
+            raise ConfigError(_describe(err, type(self), self._section)) from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 # --------------------------------------------------------------------------- sections
-@dataclass
 class ModelConfig(_Section):
     """The frozen base LLM."""
 
-    _section = "model"
+    _section: ClassVar[str] = "model"
     path: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"  # auto = cuda when available, else cpu
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto = cuda if available
     trust_remote_code: bool = False
 
-    def validate(self) -> None:
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            self._err("device", f"{self.device!r}; expected auto, cpu or cuda[:N]")
+
+FeatureIndex = Annotated[int, Field(ge=0)]
 
 
-@dataclass
 class SAEConfig(_Section):
     """The ``sae:`` block (seed keys first, then the extensions)."""
 
-    _section = "sae"
+    _section: ClassVar[str] = "sae"
     enable: bool = True
     model_path: Optional[str] = None
-    hidden_size: Optional[int] = None  # checked against the LLM and the SAE at load
-    num_features: Optional[int] = None  # features the predictor controls
+    hidden_size: Optional[int] = Field(None, ge=1)  # checked against the LLM and the SAE at load
+    num_features: Optional[int] = Field(None, ge=1)  # features the predictor controls
     target_layer: Optional[int] = None  # effective default -1 (last layer)
-    predictor_hidden_size: int = 1024
-    predictor_layers: int = 2  # hidden layers of the MLP (0 = linear)
+    predictor_hidden_size: int = Field(1024, ge=1)
+    predictor_layers: int = Field(2, ge=0)  # hidden layers of the MLP (0 = linear)
     max_strength: float = 5.0
     min_strength: float = -5.0
     strength_scale: float = 1.0
     enable_steering: bool = True  # runtime on/off; False = hooks attached, not steering
     # extensions
-    target_layers: Optional[list[int]] = None
-    selected_features: Optional[list[int]] = None
-    strength_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    feature_idx: Optional[int] = None
-    feature_idxs: Optional[list[int]] = None
+    target_layers: Optional[list[int]] = Field(None, min_length=1)
+    selected_features: Optional[list[FeatureIndex]] = Field(None, min_length=1)
+    strength_schedule: Schedule = "constant"
+    feature_idx: Optional[int] = Field(None, ge=0)
+    feature_idxs: Optional[list[FeatureIndex]] = Field(None, min_length=1)
     max_activation: Optional[float] = None
     max_activations: Optional[list[float]] = None
     strengths: Optional[list[float]] = None  # fixed strengths (generate / a validation row)
-    mode: Literal["add", "set", "clamp", "scale", "ablate", "clamp_direction"] = "add"
-    topk_mode: Literal["exact", "approx_relu"] = "exact"
+    mode: Mode = DEFAULT_MODE
+    topk_mode: TopKMode = "exact"
 
-    def validate(self) -> None:
-        for key in ("hidden_size", "num_features", "predictor_hidden_size"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                self._err(key, f"{v} must be >= 1")
-        if self.predictor_layers < 0:
-            self._err("predictor_layers", f"{self.predictor_layers} must be >= 0")
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "SAEConfig":
         if self.min_strength > self.max_strength:
-            self._err("min_strength", f"min_strength={self.min_strength} > max_strength="
-                      f"{self.max_strength}; the bounds must satisfy min_strength <= max_strength")
+            raise _Refused("min_strength", f"min_strength={self.min_strength} > max_strength="
+                           f"{self.max_strength}; the bounds must satisfy min_strength <= "
+                           "max_strength")
         given = {k: getattr(self, k) for k in ("feature_idx", "feature_idxs", "selected_features")
                  if getattr(self, k) is not None}
         lists = {k: ([v] if k == "feature_idx" else list(v)) for k, v in given.items()}
+        first = next(iter(given), None)
         if len({tuple(v) for v in lists.values()}) > 1:
-            self._err(next(iter(given)), f"{' and '.join(f'{k}={v}' for k, v in given.items())} "
-                      "select different features; give one of them")
-        feats = next(iter(lists.values()), None)
+            raise _Refused(first, f"{' and '.join(f'{k}={v}' for k, v in given.items())} "
+                           "select different features; give one of them")
+        feats = lists.get(first)
         if feats is not None:
-            if not feats:
-                self._err(next(iter(given)), "is empty; select at least one SAE feature")
-            for i, f in enumerate(feats):
-                if f < 0:
-                    self._err(next(iter(given)), f"feature index {f} (position {i}) is negative")
             if len(set(feats)) != len(feats):
                 dup = next(f for f in feats if feats.count(f) > 1)
-                self._err(next(iter(given)), f"feature {dup} is selected twice")
+                raise _Refused(first, f"feature {dup} is selected twice")
             if self.num_features is not None and self.num_features != len(feats):
-                self._err("num_features", f"num_features={self.num_features} but "
-                          f"{next(iter(given))} selects {len(feats)} features {feats}; they must match")
+                raise _Refused("num_features", f"num_features={self.num_features} but {first} "
+                               f"selects {len(feats)} features {feats}; they must match")
         if self.max_activation is not None and self.max_activations is not None:
-            self._err("max_activation", "give max_activation (one value) or max_activations "
-                      "(one per feature), not both")
+            raise _Refused("max_activation", "give max_activation (one value) or "
+                           "max_activations (one per feature), not both")
         n = self.resolved_num_features()
         for key in ("max_activations", "strengths"):
             vals = getattr(self, key)
             if vals is not None and n is not None and len(vals) not in (1, n):
-                self._err(key, f"has {len(vals)} values for {n} features")
-        if self.strengths is not None:
-            lo, hi = self.min_strength, self.max_strength
-            for i, s in enumerate(self.strengths):
-                if not lo <= s <= hi:
-                    self._err("strengths", f"strengths[{i}]={s} is outside [min_strength, "
-                              f"max_strength] = [{lo}, {hi}]")
+                raise _Refused(key, f"has {len(vals)} values for {n} features")
+        lo, hi = self.min_strength, self.max_strength
+        for i, s in enumerate(self.strengths or ()):
+            if not lo <= s <= hi:
+                raise _Refused("strengths", f"strengths[{i}]={s} is outside [min_strength, "
+                               f"max_strength] = [{lo}, {hi}]")
         if self.target_layers is not None:
-            if not self.target_layers:
-                self._err("target_layers", "is empty; give at least one layer or leave it unset")
             if len(set(self.target_layers)) != len(self.target_layers):
-                self._err("target_layers", f"{self.target_layers} lists a layer twice")
+                raise _Refused("target_layers", f"{self.target_layers} lists a layer twice")
             if self.target_layer is not None and self.target_layer not in self.target_layers:
-                self._err("target_layer", f"target_layer={self.target_layer} is not in target_layers="
-                          f"{self.target_layers}; target_layers wins when given, so drop one of them")
+                raise _Refused("target_layer", f"target_layer={self.target_layer} is not in "
+                               f"target_layers={self.target_layers}; target_layers wins when "
+                               "given, so drop one of them")
+        return self
 
     # ---- resolved views
     def resolved_num_features(self) -> Optional[int]:
@@ -315,142 +271,96 @@ class SAEConfig(_Section):
         return [v * self.strength_scale for v in vals]
 
 
-@dataclass
 class DataConfig(_Section):
-    _section = "data"
-    train_files: list[str] = field(default_factory=list)
-    val_files: list[str] = field(default_factory=list)
+    _section: ClassVar[str] = "data"
+    train_files: list[str] = Field(default_factory=list)
+    val_files: list[str] = Field(default_factory=list)
     prompt_key: Optional[str] = None  # default: prompt, then question
     answer_key: Optional[str] = None  # default: answer, ground_truth, reward_model.ground_truth
-    max_train_samples: Optional[int] = None
-    max_val_samples: Optional[int] = None
+    max_train_samples: Optional[int] = Field(None, ge=1)
+    max_val_samples: Optional[int] = Field(None, ge=1)
     chat_template: Literal["auto", "always", "never"] = "auto"
 
-    def validate(self) -> None:
-        for key in ("max_train_samples", "max_val_samples"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                self._err(key, f"{v} must be >= 1")
 
-
-@dataclass
 class EmbeddingConfig(_Section):
-    _section = "embedding"
+    _section: ClassVar[str] = "embedding"
     source: Literal["hidden", "input_embeddings"] = "hidden"
     layer: Optional[int] = None  # default: the first steering layer
-    max_length: int = 512
-    batch_size: int = 16
+    max_length: int = Field(512, ge=1)
+    batch_size: int = Field(16, ge=1)
     cache: bool = True
     exclude_special_tokens: bool = True
 
-    def validate(self) -> None:
-        for key in ("max_length", "batch_size"):
-            if getattr(self, key) < 1:
-                self._err(key, f"{getattr(self, key)} must be >= 1")
 
-
-@dataclass
 class RolloutConfig(_Section):
-    _section = "rollout"
+    _section: ClassVar[str] = "rollout"
     backend: Literal["hf", "vllm"] = "hf"
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(64, ge=1)
     do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = off
     val_do_sample: bool = False
-    val_temperature: float = 1.0
-    max_batch: int = 64
+    val_temperature: float = Field(1.0, gt=0)
+    max_batch: int = Field(64, ge=1)
     steer_prompt: bool = True
-    max_prompt_length: int = 1024
-    vllm_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        for key in ("max_new_tokens", "max_batch", "max_prompt_length"):
-            if getattr(self, key) < 1:
-                self._err(key, f"{getattr(self, key)} must be >= 1")
-        for key in ("temperature", "val_temperature"):
-            if getattr(self, key) <= 0:
-                self._err(key, f"{getattr(self, key)} must be > 0")
-        if not 0 < self.top_p <= 1:
-            self._err("top_p", f"{self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            self._err("top_k", f"{self.top_k} must be >= 0 (0 = off)")
+    max_prompt_length: int = Field(1024, ge=1)
+    vllm_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
 class AlgorithmConfig(_Section):
-    _section = "algorithm"
+    _section: ClassVar[str] = "algorithm"
     name: Literal["grpo", "ppo", "reinforce"] = "grpo"
-    n_samples: int = 4  # strength vectors sampled per question (GRPO group size)
-    ppo_epochs: int = 4
-    minibatch_size: Optional[int] = None  # None = the whole batch
-    clip_ratio: float = 0.2
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0  # KL(previous policy || new policy) penalty
-    value_coef: float = 0.5  # ppo only (value head baseline)
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    n_samples: int = Field(4, ge=1)  # strength vectors sampled per question (GRPO group size)
+    ppo_epochs: int = Field(4, ge=1)
+    minibatch_size: Optional[int] = Field(None, ge=1)  # None = the whole batch
+    clip_ratio: float = Field(0.2, gt=0, lt=1)
+    entropy_coef: float = Field(0.0, ge=0)
+    kl_coef: float = Field(0.0, ge=0)  # KL(previous policy || new policy) penalty
+    value_coef: float = Field(0.5, ge=0)  # ppo only (value head baseline)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
     init_log_std: float = 0.0  # log-std of the Gaussian in the pre-squash space
     min_log_std: float = -5.0
     max_log_std: float = 1.0
     normalize_advantages: bool = True
     baseline: Literal["mean", "ema", "none"] = "mean"  # reinforce only
-    ema_decay: float = 0.9
+    ema_decay: float = Field(0.9, ge=0, lt=1)
 
-    def validate(self) -> None:
-        if self.n_samples < 1:
-            self._err("n_samples", f"{self.n_samples} must be >= 1")
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "AlgorithmConfig":
         if self.name == "grpo" and self.n_samples < 2:
-            self._err("n_samples", f"grpo needs n_samples >= 2 to normalise within a group, got "
-                      f"{self.n_samples}")
-        if self.ppo_epochs < 1:
-            self._err("ppo_epochs", f"{self.ppo_epochs} must be >= 1")
-        if self.minibatch_size is not None and self.minibatch_size < 1:
-            self._err("minibatch_size", f"{self.minibatch_size} must be >= 1")
-        if not 0 < self.clip_ratio < 1:
-            self._err("clip_ratio", f"{self.clip_ratio} must be in (0, 1)")
-        for key in ("entropy_coef", "kl_coef", "value_coef", "weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
-                self._err(key, f"{getattr(self, key)} must be >= 0")
-        if self.lr <= 0:
-            self._err("lr", f"{self.lr} must be > 0")
+            raise _Refused("n_samples", "grpo needs n_samples >= 2 to normalise within a "
+                           f"group, got {self.n_samples}")
         if self.min_log_std > self.max_log_std:
-            self._err("min_log_std", f"{self.min_log_std} > max_log_std={self.max_log_std}")
+            raise _Refused("min_log_std", f"{self.min_log_std} > max_log_std={self.max_log_std}")
         if not self.min_log_std <= self.init_log_std <= self.max_log_std:
-            self._err("init_log_std", f"{self.init_log_std} is outside [min_log_std, max_log_std]"
-                      f" = [{self.min_log_std}, {self.max_log_std}]")
-        if not 0 <= self.ema_decay < 1:
-            self._err("ema_decay", f"{self.ema_decay} must be in [0, 1)")
+            raise _Refused("init_log_std", f"{self.init_log_std} is outside [min_log_std, "
+                           f"max_log_std] = [{self.min_log_std}, {self.max_log_std}]")
+        return self
 
 
-@dataclass
 class RewardConfig(_Section):
     """``name``: a built-in (exact_match, gsm8k, keyword, token_preference,
     verl), ``module.path:function`` or ``path/to/file.py:function`` with verl's
     signature ``fn(data_source, solution_str, ground_truth, extra_info, **kwargs)``."""
 
-    _section = "reward"
-    name: str = "exact_match"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if not self.name:
-            self._err("name", "is empty")
+    _section: ClassVar[str] = "reward"
+    name: str = Field("exact_match", min_length=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
 class TrainerConfig(_Section):
-    _section = "trainer"
+    _section: ClassVar[str] = "trainer"
     output_dir: str = "./sae_outputs"
-    total_steps: Optional[int] = None  # default: total_epochs over the train set
-    total_epochs: int = 1
-    batch_size: int = 8  # questions per step
-    val_every: int = 10  # steps; 0 = only before and after training
+    total_steps: Optional[int] = Field(None, ge=0)  # default: total_epochs over the train set
+    total_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)  # questions per step
+    val_every: int = Field(10, ge=0)  # steps; 0 = only before and after training
     val_before_train: bool = True
-    save_every: int = 10
-    keep_checkpoints: int = 3
+    save_every: int = Field(10, ge=0)  # 0 = off
+    keep_checkpoints: int = Field(3, ge=1)
     seed: int = 0
     progress_bar: bool = True
     plots: bool = True
@@ -462,27 +372,24 @@ class TrainerConfig(_Section):
     # verl); true with an engine that cannot is refused
     record_activations: Optional[bool] = None
 
-    def validate(self) -> None:
-        for key in ("total_epochs", "batch_size", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                self._err(key, f"{getattr(self, key)} must be >= 1")
-        if self.total_steps is not None and self.total_steps < 0:
-            self._err("total_steps", f"{self.total_steps} must be >= 0")
-        for key in ("val_every", "save_every"):
-            if getattr(self, key) < 0:
-                self._err(key, f"{getattr(self, key)} must be >= 0 (0 = off)")
 
-
-@dataclass
 class Config(_Section):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # a YAML section whose keys are all commented out reads as None: its defaults
+        if isinstance(data, dict):
+            return {k: ({} if v is None else v) for k, v in data.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "Config":

@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from sae_fast.request import DEFAULT_MODE
+
 
 def load_hf(model: Union[str, Any], tokenizer: Any = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a folder path, or pass-through objects."""
@@ -30,30 +32,46 @@ def load_hf(model: Union[str, Any], tokenizer: Any = None, dtype: torch.dtype = 
     return model, tokenizer
 
 
-@torch.no_grad()
-def generate(model: Union[str, Any], prompts: Sequence[str], sae: Any = None, *,
-             tokenizer: Any = None, features: Optional[Sequence[int]] = None,
-             strengths: Any = None, mode: str = "set", layer: Optional[int] = None,
-             max_activations: Any = None, strength_scale: float = 1.0,
-             max_new_tokens: int = 32, chat: bool = False, **gen_kwargs: Any) -> list[str]:
-    """Generate a completion per prompt, steered when ``sae`` is given.
-
-    ``strengths``: one row for every prompt, or one row per prompt ([B, k])."""
-    from sae_fast.backends.hf import attach
-
-    model, tokenizer = load_hf(model, tokenizer)
+def format_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool = False) -> list[str]:
+    """``prompts`` through the tokenizer's chat template when ``chat`` (and the
+    tokenizer has one), else unchanged."""
     texts = list(prompts)
     if chat and getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in texts]
+    return texts
+
+
+@torch.no_grad()
+def generate(model: Union[str, Any], prompts: Sequence[str], sae: Any = None, *,
+             tokenizer: Any = None, spec: Any = None, features: Optional[Sequence[int]] = None,
+             strengths: Any = None, mode: str = DEFAULT_MODE, layer: Optional[int] = None,
+             layers: Optional[Sequence[int]] = None, max_activations: Any = None,
+             strength_scale: float = 1.0, strength_schedule: str = "constant",
+             max_new_tokens: int = 32, chat: bool = False, seed: Optional[int] = None,
+             **gen_kwargs: Any) -> list[str]:
+    """Generate a completion per prompt, steered when ``sae`` is given.
+
+    The steering keywords are ``sae_fast.attach``'s (``spec`` or features /
+    mode / max_activations / strength_scale, ``layer(s)``, ``strength_schedule``).
+    ``strengths``: one row for every prompt, or one row per prompt ([B, k]).
+    ``seed`` reseeds the sampler first (``do_sample=True``); the rest goes to
+    ``model.generate`` (greedy by default)."""
+    from sae_fast.backends.hf import attach
+
+    model, tokenizer = load_hf(model, tokenizer)
+    texts = format_prompts(tokenizer, prompts, chat)
     enc = tokenizer(texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
     gen_kwargs.setdefault("do_sample", False)
     gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if seed is not None:
+        torch.manual_seed(int(seed))
     if sae is None:
         out = model.generate(**enc, max_new_tokens=max_new_tokens, **gen_kwargs)
     else:
-        with attach(model, sae, layer=layer, features=features, mode=mode,
-                    max_activations=max_activations, strength_scale=strength_scale,
+        with attach(model, sae, spec=spec, layer=layer, layers=layers, features=features,
+                    mode=mode, max_activations=max_activations, strength_scale=strength_scale,
+                    strength_schedule=strength_schedule,
                     max_batch=max(len(texts), 1)) as steerer:
             rows = strengths
             if rows is None or not isinstance(rows, torch.Tensor) and (
