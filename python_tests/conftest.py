@@ -32,3 +32,14 @@ def tiny():
     from sae_fast.models import tiny_model
 
     return load_hf(str(tiny_model("llama")))
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    """The synthetic steering task (sae_fast.train.synthetic) built on the
+    ``tiny`` model: its SAE, data files and token sets (used by the
+    test_train_*.py files; test_cli overrides it with its own)."""
+    from sae_fast.train.synthetic import build_synthetic_task
+
+    model, tok = tiny
+    return build_synthetic_task(tmp_path_factory.mktemp("task"), model=model, tokenizer=tok)

@@ -24,11 +24,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from sae_fast.checks import atomic_dir, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,41 +50,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
 class CheckpointManager:
     def __init__(self, root: os.PathLike, keep: int = 3) -> None:
         self.root = Path(root)
@@ -96,8 +62,8 @@ class CheckpointManager:
     def save(self, step: int, predictor: Any, optimizer: Optional[torch.optim.Optimizer],
              state: dict) -> Path:
         name = f"step_{int(step):08d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-{name}-"))
-        try:
+
+        def build(tmp: Path) -> None:
             if predictor is not None:
                 predictor.save(tmp / "predictor")
             if optimizer is not None:
@@ -107,22 +73,11 @@ class CheckpointManager:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             manifest = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                         for p in files}
-            for p in files:
-                _fsync_file(p)
             (tmp / MANIFEST).write_text(json.dumps({"step": int(step), "files": manifest}, indent=2))
-            _fsync_file(tmp / MANIFEST)
-            _fsync_dir(tmp)
-            final = self.root / name
-            if final.exists():  # re-saving a step (e.g. after resuming from an older one)
-                trash = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-old-{name}-"))
-                os.replace(final, trash / name)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        atomic_write_text(self.root / LATEST, name + "\n")
+
+        # re-saving a step (after resuming from an older one) replaces it
+        final = atomic_dir(self.root / name, build, replace=True)
+        atomic_write(self.root / LATEST, name + "\n")
         self._prune(int(step))
         return final
 

@@ -40,7 +40,7 @@ class QuestionEmbedder:
         """``guard``: a callable returning a context manager entered around every
         forward, e.g. a rollout engine's ``unsteered`` (embeddings are always of
         the unsteered model)."""
-        from sae_fast.backends.hf import decoder_layers, hidden_size_of, resolve_layer
+        from sae_fast.backends.common import decoder_layers, hidden_size_of, resolve_layer
 
         if source not in SOURCES:
             raise ValueError(f"embedding source={source!r}; expected one of {', '.join(SOURCES)}")

@@ -11,37 +11,18 @@ strength vector, the reward scores the steered generation. Algorithms:
                an exponential moving average, or none
 
 Optional for all: an entropy bonus and a KL penalty to the policy that
-sampled the batch (closed form for diagonal Gaussians).
+sampled the batch. Log-probabilities, entropies and KLs are those of
+``torch.distributions`` (a diagonal Gaussian, ``StrengthPredictor.policy``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
+from torch.distributions import kl_divergence
 
 from sae_fast.predictor import StrengthPredictor
-
-
-def gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """Sum over features of log N(u; mean, exp(log_std)) -> [B]."""
-    var = torch.exp(2 * log_std)
-    lp = -((u - mean) ** 2) / (2 * var) - log_std - 0.5 * math.log(2 * math.pi)
-    return lp.sum(-1)
-
-
-def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
-    """Entropy of the diagonal Gaussian (sum over features)."""
-    return (log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
-
-
-def gaussian_kl(mean_p: torch.Tensor, log_std_p: torch.Tensor, mean_q: torch.Tensor,
-                log_std_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) for diagonal Gaussians, summed over features -> [B]."""
-    var_p, var_q = torch.exp(2 * log_std_p), torch.exp(2 * log_std_q)
-    kl = log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5
-    return kl.sum(-1)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True,
@@ -147,16 +128,17 @@ class PolicyUpdater:
             for start in range(0, rows, mb):
                 idx = order[start:start + mb]
                 out = self.predictor(emb[idx])
-                logp = gaussian_log_prob(u[idx], out.mean, out.log_std)
+                pi = StrengthPredictor.policy(out.mean, out.log_std)
+                logp = pi.log_prob(u[idx])
                 if c.name == "reinforce":
                     pg_loss = -(logp * adv[idx]).mean()
                     diag = {"clipfrac": 0.0,
                             "approx_kl": float((logp_old[idx] - logp.detach()).mean())}
                 else:
                     pg_loss, diag = self.clip_loss(logp, logp_old[idx], adv[idx])
-                entropy = gaussian_entropy(out.log_std)
-                kl = gaussian_kl(mean_old[idx], log_std_old[idx], out.mean,
-                                 out.log_std.expand_as(out.mean)).mean()
+                entropy = pi.entropy().mean()
+                kl = kl_divergence(StrengthPredictor.policy(mean_old[idx], log_std_old[idx]),
+                                   pi).mean()
                 loss = pg_loss - c.entropy_coef * entropy + c.kl_coef * kl
                 value_loss = torch.zeros(())
                 if c.name == "ppo" and out.value is not None:

@@ -262,7 +262,7 @@ class VLLMRolloutEngine(RolloutEngine):
             import sae_fast.vllm as sv
             from vllm import SamplingParams  # noqa: F401
         except ImportError as err:
-            raise RolloutError("rollout.backend=vllm needs sae_fast.backends.vllm and vllm "
+            raise RolloutError("rollout.backend=vllm needs sae_fast.backends.vllm_engine and vllm "
                                f"installed ({err})") from err
         if sae is not None and strength_schedule != "constant":
             raise RolloutError(f"sae.strength_schedule={strength_schedule!r} is not supported by "

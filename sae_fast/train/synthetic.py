@@ -71,8 +71,8 @@ def probe_token_sets(model: Any, tokenizer: Any, sae: Any, feature: int, layer: 
                      strength: float = 5.0, top: int = 8, new_tokens: int = 12,
                      seed: int = 0) -> tuple[dict[str, list[int]], dict]:
     """Tokens promoted by pushing ``feature`` up (+strength) and down (-strength)
-    on 32 task-style prompts (``demo_task.probe_feature``), and the probe."""
-    from sae_fast.train.demo_task import probe_feature
+    on 32 task-style prompts (``probe.probe_feature``), and the probe."""
+    from sae_fast.train.probe import probe_feature
 
     prompts = [q["prompt"] for q in make_questions(32, seed + 1000)]
     info = probe_feature(model, tokenizer, sae, feature, layer, strength, prompts,

@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from sae_fast.checks import atomic_write
 from sae_fast.config import Config, ConfigError
-from sae_fast.train.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
+from sae_fast.train.checkpoint import CheckpointError, CheckpointManager
 from sae_fast.train.data import BatchSchedule, Example, format_prompt, load_dataset
 from sae_fast.train.rewards import RewardFunction, reward_from_config
 from sae_fast.train.rollout import Decoding, RolloutEngine, make_engine
@@ -122,7 +123,7 @@ class MetricsLogger:
                 continue  # a torn line from the kill
             if int(row.get("step", 0)) <= step:
                 kept.append(line)
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        atomic_write(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, row: dict) -> None:
         with self.path.open("a") as fh:
@@ -241,7 +242,7 @@ class Trainer:
         if self.resume:
             self.metrics.truncate_after(self.step)
             self.step = max(self.step, 0)
-        atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        atomic_write(self.out / "config.yaml", cfg.to_yaml())
         self._setup_done = True
         return self
 
@@ -274,7 +275,7 @@ class Trainer:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        from sae_fast.backends.hf import hidden_size_of
+        from sae_fast.backends.common import hidden_size_of
 
         self.hidden_size = hidden_size_of(self.model)
         hs = cfg.sae.hidden_size
@@ -580,7 +581,7 @@ class Trainer:
         if self.steer:
             self.predictor.save(self.out / "predictor")
             self._write_eval_files(final)
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, default=float))
+        atomic_write(self.out / "summary.json", json.dumps(summary, indent=2, default=float))
         if cfg.plots:
             from sae_fast.train.plots import make_all
 
@@ -596,7 +597,7 @@ class Trainer:
                 "groups": [e.data_source for e in self.val_examples],
                 "strengths": learned.tolist(),
                 "rewards": final["learned"].rewards}
-        atomic_write_text(ev / "strengths.json", json.dumps(data))
+        atomic_write(ev / "strengths.json", json.dumps(data))
         if self.record_activations:
             # One pass per question type (data_source): a predictor that pushes
             # one type up and another down would average out in a single mean.
@@ -613,9 +614,9 @@ class Trainer:
                     by_group[g] = {str(k): v for k, v in feats.items()}
             finally:
                 self.engine.set_record_activations(False)
-            atomic_write_text(ev / "activations.json",
+            atomic_write(ev / "activations.json",
                               json.dumps(merge_activation_summaries(list(by_group.values()))))
-            atomic_write_text(ev / "activations_by_group.json", json.dumps(by_group))
+            atomic_write(ev / "activations_by_group.json", json.dumps(by_group))
 
     def __enter__(self) -> "Trainer":
         return self
