@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv build test test-slow demo demo-tiny bench bench-compare cuda-check clean
+.PHONY: venv build test test-slow demo demo-tiny wheel-check bench bench-compare cuda-check clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,13 @@ demo: build
 # The same job on a tiny random Llama with a synthetic task (seconds).
 demo-tiny: build
 	$(VENV)/bin/sae-fast demo --tiny
+
+# sae_fast from an installed wheel, away from this checkout: the wheel built in a copy of
+# the working tree (the in-place _C.so untouched), a fresh venv, the package's demo
+# assets found in site-packages, `sae-fast demo --tiny` (~10 min on 2 cores, most of it
+# compiling the extension).
+wheel-check: $(STAMP)
+	bash scripts/wheel_check.sh $(PY)
 
 # The overhead report: every CPU suite in benchmarks/ with threads pinned, one
 # pytest-benchmark JSON per machine and day, then BENCHMARKS.md's generated

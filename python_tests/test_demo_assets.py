@@ -1,15 +1,25 @@
-"""The shipped demo assets: the SmolLM2 SAE, its card and the demo task files."""
+"""The shipped demo assets: the SmolLM2 SAE, its card and the demo task files,
+package data of sae_fast (found through importlib.resources, so they ship in
+the wheel), and the research code in scripts/ that built them."""
 
 import importlib.util
 import json
+import re
+import sys
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import torch
 
+from sae_fast.train.demo_task import demo_data_dir, demo_sae_dir
+
 REPO = Path(__file__).resolve().parents[1]
-ASSET = REPO / "assets" / "smollm2_sae"
-DATA = REPO / "examples" / "data"
+ASSET = demo_sae_dir()
+DATA = demo_data_dir()
+SAE_FILES = ("CARD.md", "card.json", "card_heldout_ids.safetensors", "cfg.json", "demo_task.json",
+             "sae_weights.safetensors", "train_info.json")
+DATA_FILES = ("demo_train.jsonl", "demo_val.jsonl")
 
 
 def _card() -> dict:
@@ -33,7 +43,7 @@ def test_shipped_sae_loads_with_d_in_576():
     assert sae.W_dec.dtype == torch.bfloat16
     assert all(torch.isfinite(t.float()).all() for t in sae.parameters())
     size = sum(p.stat().st_size for p in ASSET.iterdir() if p.is_file())
-    assert size <= 25 * 1024 * 1024, f"assets/smollm2_sae is {size / 1e6:.1f} MB (> 25 MB)"
+    assert size <= 25 * 1024 * 1024, f"{ASSET} is {size / 1e6:.1f} MB (> 25 MB)"
 
 
 def test_card_is_generated_and_consistent():
@@ -124,7 +134,7 @@ def test_reward_sets_hold_whole_words_the_probe_moved():
     from transformers import AutoTokenizer
 
     from sae_fast.models import smollm2
-    from sae_fast.train.demo_task import _WORD
+    from sae_fast.train.probe import WHOLE_WORD
 
     task = _task()
     probe = task["evidence"]["final_probe"]
@@ -133,7 +143,124 @@ def test_reward_sets_hold_whole_words_the_probe_moved():
     tok = AutoTokenizer.from_pretrained(str(smollm2()))
     for name in ("up", "down"):
         words = [tok.decode([t]) for t in task["token_sets"][name]]
-        assert all(_WORD.match(w) for w in words), (name, words)
+        assert all(WHOLE_WORD.match(w) for w in words), (name, words)
     up, down = probe["up_mass"], probe["down_mass"]
     assert up["plus"] > up["zero"] and up["plus"] > up["minus"]
     assert down["minus"] > down["zero"] and down["minus"] > down["plus"]
+
+
+# --------------------------------------------------------------------------- package data
+def test_assets_resolve_through_importlib_resources_inside_the_package():
+    root = files("sae_fast") / "assets"
+    for name in SAE_FILES:
+        assert (root / "smollm2_sae" / name).is_file(), name
+    for name in DATA_FILES:
+        assert (root / "demo_data" / name).is_file(), name
+    pkg = Path(importlib.util.find_spec("sae_fast").origin).parent
+    assert ASSET == pkg / "assets" / "smollm2_sae" and DATA == pkg / "assets" / "demo_data"
+    # the shipped folders hold exactly what the package data globs ship
+    assert sorted(p.name for p in ASSET.iterdir()) == sorted(SAE_FILES)
+    assert sorted(p.name for p in DATA.iterdir()) == sorted(DATA_FILES)
+
+
+def _setup_literal(name: str):
+    """A literal assigned to ``name`` in setup.py (read without running setup())."""
+    import ast
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py assigns no {name}")
+
+
+def test_setup_declares_every_shipped_file_as_package_data():
+    import fnmatch
+
+    text = (REPO / "setup.py").read_text()
+    assert "package_data=PACKAGE_DATA" in text and "DATA_PACKAGES + " in text
+    packages, globs = _setup_literal("DATA_PACKAGES"), _setup_literal("PACKAGE_DATA")
+    files_on_disk = [p for p in (REPO / "sae_fast" / "assets").rglob("*") if p.is_file()]
+    assert len(files_on_disk) == len(SAE_FILES) + len(DATA_FILES)
+    for path in files_on_disk:
+        pkg = ".".join(path.parent.relative_to(REPO).parts)
+        assert pkg in packages, (path, packages)
+        assert any(fnmatch.fnmatch(path.name, g) for g in globs.get(pkg, ())), (path, globs)
+    # the sdist carries what the wheel build needs besides the packages
+    manifest = (REPO / "MANIFEST.in").read_text()
+    assert "CMakeLists.txt" in manifest and "recursive-include csrc" in manifest
+
+
+def test_no_module_reads_repository_paths():
+    """The shipped modules (sae_fast, sae_fast_verl) find their files through
+    importlib.resources: no ``__file__`` of their own (nor ``.parents``) and no
+    string naming a folder of the checkout (assets/, examples/, scripts/, ...);
+    docstrings may show repository commands."""
+    import ast
+
+    repo_dirs = ("assets/", "examples/", "scripts/", "python_tests/", "benchmarks/", "csrc/")
+    offenders = []
+    for root in (REPO / "sae_fast", REPO / "integrations" / "verl" / "sae_fast_verl"):
+        for path in sorted(root.rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            docs = {id(n.body[0].value) for n in ast.walk(tree)
+                    if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef,
+                                      ast.ClassDef))
+                    and n.body and isinstance(n.body[0], ast.Expr)
+                    and isinstance(n.body[0].value, ast.Constant)}
+            for n in ast.walk(tree):
+                bad = (isinstance(n, ast.Name) and n.id == "__file__"
+                       or isinstance(n, ast.Attribute) and n.attr == "parents"
+                       or isinstance(n, ast.Constant) and isinstance(n.value, str)
+                       and id(n) not in docs and n.value.lstrip("./").startswith(repo_dirs))
+                if bad:
+                    offenders.append(f"{path.relative_to(REPO)}:{n.lineno}: {ast.unparse(n)[:80]}")
+    assert not offenders, "\n".join(offenders)
+
+
+# --------------------------------------------------------------------------- research code
+def _research():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import demo_task_research
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return demo_task_research
+
+
+def test_shipped_questions_are_what_the_research_script_generates():
+    """make_demo_task.py wrote the shipped JSONL with these seeds (train 0, val 1)."""
+    research, task = _research(), _task()
+    for name, seed in (("train", 0), ("val", 1)):
+        rows = [json.loads(ln) for ln in (DATA / f"demo_{name}.jsonl").read_text().splitlines()]
+        assert rows == research.make_questions(len(rows), seed, task["word"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_logit_lens_finds_the_final_norm_of_each_family(arch):
+    """The lens reads the final norm generically (Llama/Qwen2 ``model.norm``,
+    GPT-2 ``transformer.ln_f``) and equals unembed(gain * direction)."""
+    from sae_fast.generate import load_hf
+    from sae_fast.models import tiny_model
+    from sae_fast.sae import random_sae
+
+    research = _research()
+    model, tok = load_hf(str(tiny_model(arch)))
+    hidden = model.config.hidden_size
+    sae = random_sae(hidden, 64, seed=0)
+    norm = research.final_norm(model)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, hidden))
+    feats = [1, 5, 9]
+    got = research.logit_lens(model, sae, feats)
+    dirs = sae.W_dec[feats].float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        dirs = dirs - dirs.mean(-1, keepdim=True)
+    want = (dirs * norm.weight.float()) @ model.get_output_embeddings().weight.float().T
+    assert got.shape == (3, model.get_output_embeddings().weight.shape[0])
+    torch.testing.assert_close(got, want)
+    acts = torch.relu(torch.randn(400, 64, generator=torch.Generator().manual_seed(0)) - 2.0)
+    cands = research.candidate_features(model, tok, sae, acts, n=3, min_freq=0.0, max_freq=1.0,
+                                        min_words=0)
+    assert len(cands) == 3 and all(len(c["promotes"]) == 10 for c in cands)
+    assert [c["lens_z"] for c in cands] == sorted((c["lens_z"] for c in cands), reverse=True)

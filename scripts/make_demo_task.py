@@ -1,8 +1,11 @@
 """Pick the demo feature by evidence and write the demo task files.
 
 Writes ``<sae>/demo_task.json`` (feature, layer, strength, word, reward token
-sets and the evidence behind them) and ``examples/data/demo_{train,val}.jsonl``.
-See ``sae_fast/train/demo_task.py`` for the task and the selection rule.
+sets and the evidence behind them) and ``<data-dir>/demo_{train,val}.jsonl``;
+by default into the package data, ``sae_fast/assets/smollm2_sae`` and
+``sae_fast/assets/demo_data``. See ``sae_fast/train/demo_task.py`` for the task,
+``scripts/demo_task_research.py`` for the candidate ranking and the questions,
+and ``sae_fast/train/probe.py`` for the steering probe.
 
     python scripts/make_demo_task.py --corpus $SAE_FAST_CACHE/demo_corpus
 """
@@ -13,11 +16,16 @@ import argparse
 import json
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_task_research as research  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "sae_fast" / "assets"
 log = logging.getLogger("make_demo_task")
 
 
@@ -27,7 +35,7 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def heldout_acts(model, ids: torch.Tensor, layer: int) -> torch.Tensor:
-    from sae_fast.backends.hf import decoder_layers
+    from sae_fast.backends.common import decoder_layers
 
     out = []
 
@@ -49,9 +57,9 @@ def heldout_acts(model, ids: torch.Tensor, layer: int) -> torch.Tensor:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sae", default="assets/smollm2_sae")
+    p.add_argument("--sae", default=str(ASSETS / "smollm2_sae"))
     p.add_argument("--corpus", required=True)
-    p.add_argument("--data-dir", default="examples/data")
+    p.add_argument("--data-dir", default=str(ASSETS / "demo_data"))
     p.add_argument("--windows", type=int, default=48)
     p.add_argument("--candidates", type=int, default=6)
     p.add_argument("--alpha", type=float, default=0.5,
@@ -75,7 +83,8 @@ def main(argv=None) -> int:
     from sae_fast.generate import load_hf
     from sae_fast.models import smollm2
     from sae_fast.sae import load_sae
-    from sae_fast.train import demo_task as dt
+    from sae_fast.train.demo_task import TASK_FILE
+    from sae_fast.train.probe import WHOLE_WORD, probe_feature
 
     model, tok = load_hf(str(smollm2()))
     sae = load_sae(args.sae, dtype=torch.float32)
@@ -84,9 +93,9 @@ def main(argv=None) -> int:
     held = datasets.load_from_disk(str(Path(args.corpus) / "heldout"))
     ids = torch.tensor(held[:args.windows]["input_ids"])
     acts = heldout_acts(model, ids, layer)
-    scale = dt.residual_scale(acts)
+    scale = research.residual_scale(acts)
     fa = sae.encode(acts)
-    cands = dt.candidate_features(model, tok, sae, fa, n=args.candidates)
+    cands = research.candidate_features(model, tok, sae, fa, n=args.candidates)
     log.info("median residual norm %.2f; candidates %s", scale,
              [(c["feature"], c["promotes"][:4]) for c in cands])
 
@@ -95,12 +104,13 @@ def main(argv=None) -> int:
                                        add_generation_prompt=True)
 
     rng = random.Random(args.seed + 7)
-    probe_prompts = [chat(dt.PROBE_TEMPLATE.format(topic=t)) for t in rng.sample(dt.TOPICS, 12)]
+    probe_prompts = [chat(research.PROBE_TEMPLATE.format(topic=t))
+                     for t in rng.sample(research.TOPICS, 12)]
     probes = []
     for c in cands:
         s = args.alpha * scale / float(sae.W_dec[c["feature"]].float().norm())
-        r = dt.probe_feature(model, tok, sae, c["feature"], layer, s, probe_prompts, seed=args.seed,
-                             words_only=args.words_only, top=args.top)
+        r = probe_feature(model, tok, sae, c["feature"], layer, s, probe_prompts, seed=args.seed,
+                          words_only=args.words_only, top=args.top)
         r["candidate"] = c
         probes.append(r)
         log.info("feature %d S=%.1f effect %.3f up %s down %s", c["feature"], s, r["effect"],
@@ -110,23 +120,23 @@ def main(argv=None) -> int:
     # the word the questions name: the feature's top whole word through the
     # unembedding, else the first whole word its steering made more frequent
     word = next((w.strip() for w in best["candidate"]["promotes"] + best["up_tokens"]
-                 if dt._WORD.match(w)), best["up_tokens"][0].strip())
+                 if WHOLE_WORD.match(w)), best["up_tokens"][0].strip())
     # final reward token sets: probe again on task-style questions (both types)
-    task_prompts = [chat(q["prompt"]) for q in dt.make_questions(16, args.seed + 99, word)]
-    final = dt.probe_feature(model, tok, sae, feature, layer, strength, task_prompts,
-                             seed=args.seed + 1, words_only=args.words_only, top=args.top)
+    task_prompts = [chat(q["prompt"]) for q in research.make_questions(16, args.seed + 99, word)]
+    final = probe_feature(model, tok, sae, feature, layer, strength, task_prompts,
+                          seed=args.seed + 1, words_only=args.words_only, top=args.top)
     spec = {"feature": feature, "layer": layer, "strength": round(strength, 3), "word": word,
             "features": [feature],
             "token_sets": {"up": final["up"], "down": final["down"]},
             "evidence": {"median_residual_norm": scale, "alpha": args.alpha,
                          "selection_probes": probes, "final_probe": final,
                          "rule": "max over candidates of the generated-token mass moved by "
-                                 "steering (+S vs -S), see sae_fast/train/demo_task.py"}}
-    (Path(args.sae) / dt.TASK_FILE).write_text(json.dumps(spec, indent=2))
+                                 "steering (+S vs -S), see scripts/make_demo_task.py"}}
+    (Path(args.sae) / TASK_FILE).write_text(json.dumps(spec, indent=2))
     out = Path(args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, n, seed in (("train", args.n_train, args.seed), ("val", args.n_val, args.seed + 1)):
-        rows = dt.make_questions(n, seed, word)
+        rows = research.make_questions(n, seed, word)
         (out / f"demo_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log.info("feature %d (word %r, S=%.2f) up %s down %s; %.0f s", feature, word, strength,
              final["up_tokens"], final["down_tokens"], time.time() - t0)

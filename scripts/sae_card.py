@@ -14,7 +14,7 @@ Features shown: the ``--features`` given (the demo task's) plus the
 ``--auto`` features whose top activations are most concentrated on one token
 string (the simplest evidence that a feature is real, not noise).
 
-    python scripts/sae_card.py --sae assets/smollm2_sae \
+    python scripts/sae_card.py --sae sae_fast/assets/smollm2_sae \
         --corpus $SAE_FAST_CACHE/demo_corpus --windows 96
 """
 
@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
+ASSETS = Path(__file__).resolve().parents[1] / "sae_fast" / "assets"
 log = logging.getLogger("sae_card")
 SKIP_POSITIONS = 4
 SMALL = 16  # windows of the small sample the tests recompute
@@ -44,7 +45,7 @@ class _Stop(Exception):
 def layer_acts(model, ids: torch.Tensor, layer: int, batch: int = 16) -> torch.Tensor:
     """Residual stream after decoder layer ``layer`` (the sae-lens HF hook
     ``model.layers.{layer}``), [N, T, d]; stops the forward there."""
-    from sae_fast.backends.hf import decoder_layers
+    from sae_fast.backends.common import decoder_layers
 
     out: list[torch.Tensor] = []
 
@@ -97,11 +98,15 @@ def _ctx(tok, row: torch.Tensor, pos: int, left: int = 6) -> str:
 def describe(model, tok, sae, acts, ids, mask, features: Sequence[int], top: int = 8) -> list[dict]:
     fa = sae.encode(acts.reshape(-1, acts.shape[-1])).reshape(*acts.shape[:2], -1)
     fa = fa * mask.unsqueeze(-1)
-    # logit lens of the decoder direction through the final norm's weight and the unembedding
-    norm_w = model.model.norm.weight.float()
-    W_U = model.get_output_embeddings().weight.float()
+    # logit lens of the decoder directions through the final norm and the unembedding
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from demo_task_research import logit_lens
+
+    lens = logit_lens(model, sae, list(features))
     rows = []
-    for i in features:
+    for j, i in enumerate(features):
         v = fa[..., i]
         vals, flat = v.reshape(-1).topk(top)
         ex = []
@@ -111,8 +116,7 @@ def describe(model, tok, sae, acts, ids, mask, features: Sequence[int], top: int
             r, p = divmod(fl, v.shape[1])
             ex.append({"act": round(val, 2), "token": tok.decode([int(ids[r, p])]),
                        "context": _ctx(tok, ids[r], p)})
-        logits = W_U @ (sae.W_dec[i].float() * norm_w)
-        promoted = [tok.decode([t]) for t in logits.topk(10).indices.tolist()]
+        promoted = [tok.decode([t]) for t in lens[j].topk(10).indices.tolist()]
         rows.append({"feature": int(i), "frequency": float((v[mask] > 0).float().mean()),
                      "max_act": float(v.max()), "top": ex, "promotes": promoted})
     return rows
@@ -216,7 +220,8 @@ def render(card: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sae", default="assets/smollm2_sae")
+    p.add_argument("--sae", default=str(ASSETS / "smollm2_sae"),
+                   help="the SAE folder; the card is written beside it (default: the package data)")
     p.add_argument("--corpus", required=True)
     p.add_argument("--windows", type=int, default=96)
     p.add_argument("--features", type=int, nargs="*", default=None,

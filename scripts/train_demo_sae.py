@@ -1,11 +1,11 @@
-"""Train the demo SAE shipped in ``assets/smollm2_sae`` (TopK, d_in 576) on one
+"""Train the demo SAE shipped in ``sae_fast/assets/smollm2_sae`` (TopK, d_in 576) on one
 residual-stream layer of SmolLM2-135M-Instruct, offline, with sae-lens.
 
 Reproduce the shipped SAE (corpus first, see scripts/build_demo_corpus.py):
 
     python scripts/build_demo_corpus.py --out $SAE_FAST_CACHE/demo_corpus
     python scripts/train_demo_sae.py --corpus $SAE_FAST_CACHE/demo_corpus \
-        --tokens 1500000 --max-minutes 36 --layer 15 --seed 0 --out assets/smollm2_sae
+        --tokens 1500000 --max-minutes 36 --layer 15 --seed 0 --out sae_fast/assets/smollm2_sae
 
 The shipped SAE was trained with ``--tokens 1500000 --max-minutes 36`` and
 stopped at the time cap after 1,419,264 tokens (693 steps, one CPU thread on
@@ -31,13 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+ASSETS = Path(__file__).resolve().parents[1] / "sae_fast" / "assets"
 log = logging.getLogger("train_demo_sae")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", required=True, help="folder written by build_demo_corpus.py")
-    p.add_argument("--out", default="assets/smollm2_sae")
+    p.add_argument("--out", default=str(ASSETS / "smollm2_sae"),
+                   help="SAE folder to write (default: the package data in this checkout)")
     p.add_argument("--tokens", type=int, default=1_500_000)
     p.add_argument("--layer", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
