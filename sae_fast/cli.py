@@ -137,7 +137,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.sae is not None and pred is None and not args.features:
         print("error: --sae needs --features (or --predictor)", file=sys.stderr)
         return 2
-    model, tok = load_hf(args.model)
+    from sae_fast.models import resolve_builtin
+
+    args.sae = resolve_builtin(args.sae)
+    model, tok = load_hf(resolve_builtin(args.model))
     texts = format_prompts(tok, prompts, args.chat)
     steer: dict = {}
     strengths = None
@@ -264,6 +267,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- demo
+def _print_footnote(summary: dict, run_dir: Path) -> None:
+    sel = summary["validation"].get("best_constant", {}).get("selection")
+    if sel:
+        where = ("the validation set itself (optimistic)" if sel["split"] == "val" else
+                 f"{sel['n']} training questions, not the reported validation set")
+        print(f"\n(best constant = the best of {[round(g, 3) for g in sel['grid']]} by reward on "
+              f"{where}; 95% CI = 1.96 * standard error over questions)")
+    print(f"outputs (metrics.jsonl, samples.md, plots, checkpoints, predictor) in {run_dir}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The default demo: SmolLM2-135M-Instruct + the shipped SAE + the demo task
     (``--tiny``: a tiny random Llama with a synthetic task, for quick checks)."""
@@ -314,9 +327,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = train(cfg, resume=args.resume)
     print()
     print(summary["table"])
-    print(f"\n(best constant = the best of {cfg.trainer.val_constant_grid} chosen on the validation "
-          "set itself; 95% CI = 1.96 * standard error over questions)")
-    print(f"outputs (metrics.jsonl, plots, checkpoints, predictor) in {out / 'run'}")
+    _print_footnote(summary, out / "run")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -357,9 +368,7 @@ def _demo_tiny(args: argparse.Namespace) -> int:
     summary = train(cfg)
     print()
     print(summary["table"])
-    print(f"\n(best constant = the best of {cfg.trainer.val_constant_grid or 'a 5-point grid'} "
-          "chosen on the validation set itself; 95% CI = 1.96 * standard error over questions)")
-    print(f"outputs (metrics.jsonl, plots, checkpoints, predictor) in {out / 'run'}")
+    _print_footnote(summary, out / "run")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -377,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate text, optionally steered")
-    g.add_argument("--model", required=True, help="a transformers model folder")
+    g.add_argument("--model", required=True,
+                   help="a transformers model folder, or builtin:smollm2")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="one prompt per line")
     g.add_argument("--sae", help="a sae-lens SAE folder")

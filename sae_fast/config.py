@@ -349,6 +349,13 @@ class RewardConfig(_Section):
     _section: ClassVar[str] = "reward"
     name: str = Field("exact_match", min_length=1)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # combined reward = concept (the function above)
+    #   - fluency_weight * max(0, NLL of the completion - NLL of the unsteered completion)
+    #   - repetition_weight * repeated n-gram share (1 - distinct-n)
+    # NLL: mean per-token, in nats, under the frozen unsteered model (sae_fast.train.fluency)
+    fluency_weight: float = Field(0.0, ge=0)
+    repetition_weight: float = Field(0.0, ge=0)
+    repetition_n: int = Field(2, ge=1)
 
 
 class TrainerConfig(_Section):
@@ -365,7 +372,11 @@ class TrainerConfig(_Section):
     progress_bar: bool = True
     plots: bool = True
     tensorboard: bool = True  # used when torch.utils.tensorboard imports
-    val_constant_grid: Optional[list[float]] = None  # effective strengths; default 5 values
+    val_constant_grid: Optional[list[float]] = None  # effective strengths; default 9 values
+    # the best constant is chosen on this many training questions (a split separate from the
+    # reported validation set); 0 = on the validation set itself (optimistic, labelled so)
+    constant_select_size: int = Field(32, ge=0)
+    samples: int = Field(4, ge=0)  # validation prompts shown side by side in samples.md
     final_eval: bool = True  # unsteered / random / best constant / learned table at the end
     # feature activations before/after steering in the final eval; default: on
     # where the rollout engine can record them (hf), off where it cannot (vllm,

@@ -3,6 +3,8 @@
     reward_curve.png            train reward per step + validation curves per method
     strength_distributions.png  predicted strengths per feature, split by data_source
     feature_activations.png     selected features' activation before vs after steering
+    strength_vs_unsteered.png   each question's learned strength against its unsteered
+                                concept score (how close it already is), by data_source
 
 ``make_all(output_dir)`` rebuilds them from ``metrics.jsonl`` and the files
 of the final evaluation (``eval/strengths.json``, ``eval/activations.json``).
@@ -148,6 +150,32 @@ def plot_feature_activations(data: dict, out: Path,
     return out
 
 
+def plot_strength_vs_unsteered(data: dict, out: Path) -> Optional[Path]:
+    """``data`` as for :func:`plot_strength_distributions` plus
+    "unsteered_concept" (per question): the first feature's learned strength
+    against the concept score the question gets without steering."""
+    xs, strengths = data.get("unsteered_concept"), data.get("strengths") or []
+    if not xs or not strengths:
+        return None
+    groups = data.get("groups") or ["all"] * len(strengths)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for lab in sorted(set(groups)):
+        idx = [i for i, g in enumerate(groups) if g == lab]
+        ax.scatter([xs[i] for i in idx], [strengths[i][0] for i in idx], s=14, alpha=0.7,
+                   label=str(lab))
+    feats = data.get("features") or [0]
+    ax.set_xlabel("concept score without steering")
+    ax.set_ylabel(f"learned strength (feature {feats[0]})")
+    ax.set_title("learned strength vs how close the question already is", fontsize=9)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def make_all(output_dir: Any, title: str = "") -> list[Path]:
     """Rebuild every plot that has data in ``output_dir``; returns the files."""
     out_dir = Path(output_dir)
@@ -158,8 +186,9 @@ def make_all(output_dir: Any, title: str = "") -> list[Path]:
         made.append(p)
         s = out_dir / "eval" / "strengths.json"
         if s.is_file():
-            made.append(plot_strength_distributions(json.loads(s.read_text()),
-                                                    out_dir / "strength_distributions.png"))
+            data = json.loads(s.read_text())
+            made.append(plot_strength_distributions(data, out_dir / "strength_distributions.png"))
+            made.append(plot_strength_vs_unsteered(data, out_dir / "strength_vs_unsteered.png"))
         a = out_dir / "eval" / "activations.json"
         ag = out_dir / "eval" / "activations_by_group.json"
         if a.is_file():

@@ -42,5 +42,5 @@ class SteeringTask:
             "data.val_files": [self.val_path],
             "reward.name": "token_preference",
             "reward.kwargs": {"token_sets": self.token_sets},
-            "trainer.val_constant_grid": [-s, -s / 2, 0.0, s / 2, s],
+            "trainer.val_constant_grid": [s * (i - 4) / 4 for i in range(9)],  # 9 values
         }

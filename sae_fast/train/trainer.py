@@ -9,7 +9,12 @@ One step (DESIGN "data flow of one RL step"):
 
 Validation compares the learned predictor (deterministic mean strengths)
 with unsteered generation and random strengths (and, at the end, the best
-single constant strength). ``--disable-sae`` runs the same loop without any
+single constant strength of a grid, chosen on training questions, a split
+separate from the reported one). Every method gets three scores: concept
+(the reward function), fluency (mean per-token NLL under the frozen
+unsteered model, minus that of the unsteered completion of the same prompt)
+and repetition (repeated bigram share); the reward is their weighted
+combination (``reward.fluency_weight``, ``reward.repetition_weight``). ``--disable-sae`` runs the same loop without any
 SAE or predictor, so its metrics are the unsteered baseline, labelled so.
 
 Reproducibility: batches, policy samples and the generation sampler are
@@ -20,11 +25,12 @@ and the updater state, so a resumed run reproduces an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -63,12 +69,24 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return m, 1.96 * math.sqrt(var / n)
 
 
+SCORES = ("concept", "fluency", "repetition")  # MethodResult.scores keys besides the reward
+
+
 @dataclass
 class MethodResult:
     name: str
-    rewards: list[float]
+    rewards: list[float]  # the combined reward (= concept when the fluency weights are 0)
     strengths: Optional[torch.Tensor] = None  # [N, k] effective strengths (None = unsteered)
     detail: str = ""
+    # per question: concept, fluency (NLL minus the unsteered completion's, nats/token; lower
+    # is more fluent), repetition (repeated bigram share), nll
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # data_source per question
+    selection: dict = field(default_factory=dict)  # best constant: where and how it was chosen
+
+    def score_mean(self, key: str) -> float:
+        return mean_ci95(self.scores[key])[0] if self.scores.get(key) else float("nan")
 
     @property
     def mean(self) -> float:
@@ -80,18 +98,35 @@ class MethodResult:
 
 
 def format_table(results: Sequence[MethodResult], title: str = "") -> str:
-    """A plain-text table: method | mean reward | 95% CI | n."""
-    rows = [(r.name + (f" ({r.detail})" if r.detail else ""), r.mean, r.ci95, len(r.rewards))
-            for r in results]
-    w = max([len("method")] + [len(r[0]) for r in rows])
-    lines = []
-    if title:
-        lines.append(title)
-    lines.append(f"{'method':<{w}}  {'mean reward':>11}  {'95% CI':>17}  {'n':>4}")
-    lines.append("-" * (w + 40))
-    for name, m, ci, n in rows:
-        lines.append(f"{name:<{w}}  {m:>11.4f}  [{m - ci:>7.4f}, {m + ci:>7.4f}]  {n:>4}")
+    """A plain-text table: method | combined reward, its 95% CI | concept |
+    fluency (NLL above unsteered) | repetition | n."""
+    rows = [(r.name + (f" ({r.detail})" if r.detail else ""), r) for r in results]
+    w = max([len("method")] + [len(name) for name, _ in rows])
+    lines = [title] if title else []
+    lines.append(f"{'method':<{w}}  {'reward':>8}  {'95% CI':>17}  {'concept':>8}  "
+                 f"{'fluency':>8}  {'repeat':>6}  {'n':>4}")
+    lines.append("-" * (w + 66))
+    for name, r in rows:
+        m, ci = r.mean, r.ci95
+        lines.append(f"{name:<{w}}  {m:>8.4f}  [{m - ci:>7.4f}, {m + ci:>7.4f}]  "
+                     f"{r.score_mean('concept'):>8.4f}  {r.score_mean('fluency'):>8.3f}  "
+                     f"{r.score_mean('repetition'):>6.3f}  {len(r.rewards):>4}")
+    lines.append("reward = concept - fluency_weight * max(0, fluency) - repetition_weight * "
+                 "repeat; fluency = NLL above the unsteered completion (nats/token, lower = "
+                 "more fluent); repeat = repeated bigram share")
     return "\n".join(lines)
+
+
+def group_means(result: MethodResult) -> dict[str, dict[str, float]]:
+    """Per question type (data_source): the mean of the reward and of each score."""
+    out: dict[str, dict[str, float]] = {}
+    for g in sorted(set(result.groups)):
+        idx = [i for i, x in enumerate(result.groups) if x == g]
+        row = {"n": float(len(idx)), "reward": mean_ci95([result.rewards[i] for i in idx])[0]}
+        for key, vals in result.scores.items():
+            row[key] = mean_ci95([vals[i] for i in idx])[0]
+        out[g] = row
+    return out
 
 
 class MetricsLogger:
@@ -208,6 +243,11 @@ class Trainer:
         self.embedder = embedder_from_config(self.model, self.tokenizer, cfg.embedding,
                                              default_layer=cfg.sae.layers[0],
                                              guard=self.engine.unsteered)
+        from sae_fast.train.fluency import FluencyScorer
+
+        self.fluency = FluencyScorer(self.model, self.tokenizer, batch_size=cfg.embedding.batch_size,
+                                     guard=self.engine.unsteered)
+        self._ref_nll: dict[str, float] = {}  # prompt -> NLL of its unsteered completion
         self.train_prompts = [format_prompt(e, self.tokenizer, cfg.data.chat_template)
                               for e in self.train_examples]
         self.val_prompts = [format_prompt(e, self.tokenizer, cfg.data.chat_template)
@@ -263,8 +303,10 @@ class Trainer:
         if self._model is None:
             if not cfg.model.path:
                 raise ConfigError("model.path: the base model is not set (--base-model-path)")
+            from sae_fast.models import resolve_builtin
+
             dtype = getattr(torch, cfg.model.dtype)
-            self.model, self.tokenizer = load_hf(cfg.model.path, dtype=dtype)
+            self.model, self.tokenizer = load_hf(resolve_builtin(cfg.model.path), dtype=dtype)
             device = cfg.model.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,8 +335,10 @@ class Trainer:
         if src is None:
             raise ConfigError("sae.model_path: the SAE is not set (--sae-model-path), or run with "
                               "--disable-sae")
+        from sae_fast.models import resolve_builtin
+
         device = next(self.model.parameters()).device
-        self.sae = load_sae(src, device=device)
+        self.sae = load_sae(resolve_builtin(src), device=device)
         self.sae.check_hidden_size(self.hidden_size)
         if self.cfg.sae.hidden_size is not None and self.sae.d_in != self.cfg.sae.hidden_size:
             raise SAELoadError(f"SAE {self.sae.source} has d_in={self.sae.d_in} but "
@@ -349,15 +393,52 @@ class Trainer:
         return Decoding(max_new_tokens=r.max_new_tokens, do_sample=r.do_sample,
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed)
 
-    def _score(self, examples: Sequence[Example], prompts: Sequence[str], completions) -> tuple:
+    @property
+    def _fluency_terms(self) -> bool:
+        r = self.cfg.reward
+        return r.fluency_weight > 0 or r.repetition_weight > 0
+
+    def _reference_nll(self, prompts: Sequence[str]) -> list[float]:
+        """NLL of each prompt's unsteered completion (validation decoding), computed once."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._ref_nll]
+        if missing:
+            with self._timed("fluency"):
+                ref = self.engine.generate(missing, None, self._decoding(
+                    _mix(self.cfg.trainer.seed, 5), val=True))
+                nll = self.fluency.nll(missing, [c.token_ids for c in ref])
+            self._ref_nll.update(zip(missing, nll))
+        return [self._ref_nll[p] for p in prompts]
+
+    def _score(self, examples: Sequence[Example], prompts: Sequence[str], completions,
+               fluency: bool = True) -> tuple[list[float], dict[str, float], dict[str, list[float]]]:
+        """(combined rewards, the reward function's extra means, per-rollout scores).
+        ``fluency=False`` skips the NLL forwards (training with zero fluency weights)."""
         extra = []
         for ex, p, c in zip(examples, prompts, completions):
             info = dict(ex.extra_info)
             info.setdefault("prompt", p)
             info["response_ids"] = c.token_ids
             extra.append(info)
-        return self.reward_fn([e.data_source for e in examples], [c.text for c in completions],
-                              [e.ground_truth for e in examples], extra)
+        concept, extras = self.reward_fn([e.data_source for e in examples],
+                                         [c.text for c in completions],
+                                         [e.ground_truth for e in examples], extra)
+        from sae_fast.train.fluency import repeated_ngram_fraction
+
+        r = self.cfg.reward
+        scores: dict[str, list[float]] = {"concept": list(concept), "repetition": [
+            repeated_ngram_fraction(c.token_ids, r.repetition_n) for c in completions]}
+        if fluency:
+            with self._timed("fluency"):
+                nll = self.fluency.nll(list(prompts), [c.token_ids for c in completions])
+            scores["nll"] = nll
+            scores["fluency"] = [a - b for a, b in zip(nll, self._reference_nll(prompts))]
+        combined = []
+        for i, c in enumerate(concept):
+            v = c - r.repetition_weight * scores["repetition"][i]
+            if fluency and r.fluency_weight > 0:
+                v -= r.fluency_weight * max(0.0, scores["fluency"][i])
+            combined.append(v)
+        return combined, extras, scores
 
     @contextlib.contextmanager
     def _timed(self, key: str) -> Iterator[None]:
@@ -398,7 +479,8 @@ class Trainer:
                 log_probs=None if batch is None else batch["log_prob"])
         steer_stats = self.engine.stats_dict()
         with self._timed("reward"):
-            rewards, extras = self._score(rep_examples, rep_prompts, completions)
+            rewards, extras, scores = self._score(rep_examples, rep_prompts, completions,
+                                                  fluency=self._fluency_terms)
         r = torch.tensor(rewards, dtype=torch.float32)
         metrics: dict[str, Any] = {"kind": "train", "step": step, "run_mode": self.run_mode,
                                    "epoch": self.schedule.epoch_of(step)}
@@ -408,6 +490,7 @@ class Trainer:
         metrics.update({"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1
                         else 0.0, "reward/max": float(r.max()), "reward/min": float(r.min())})
         metrics.update({f"reward/{k}": v for k, v in extras.items()})
+        metrics.update({f"reward/{k}_mean": sum(v) / len(v) for k, v in scores.items() if v})
         metrics["response_length/mean"] = sum(len(c.token_ids) for c in completions) / len(completions)
         if strengths is not None:
             metrics.update(self._strength_metrics(strengths, "strength"))
@@ -453,8 +536,10 @@ class Trainer:
         # The same sampler seed for every method: differences come from steering.
         completions = self.engine.generate(list(prompts), strengths,
                                            self._decoding(_mix(self.cfg.trainer.seed, 5), val=True))
-        rewards, _ = self._score(examples, prompts, completions)
-        return MethodResult(name=name, rewards=rewards, strengths=strengths, detail=detail)
+        rewards, _, scores = self._score(examples, prompts, completions)
+        return MethodResult(name=name, rewards=rewards, strengths=strengths, detail=detail,
+                            scores=scores, texts=[c.text for c in completions],
+                            groups=[e.data_source for e in examples])
 
     def validate(self, methods: Sequence[str] = ("learned", "unsteered", "random")) -> dict:
         """Validation rewards per method; logged as val/<method>/reward_mean."""
@@ -481,20 +566,41 @@ class Trainer:
         if self.cfg.trainer.val_constant_grid is not None:
             return list(self.cfg.trainer.val_constant_grid)
         lo, hi = self.bounds
-        return [lo + (hi - lo) * i / 4 for i in range(5)]
+        return [lo + (hi - lo) * i / 8 for i in range(9)]
+
+    def constant_select_split(self) -> tuple[list[Example], list[str]]:
+        """The questions the best constant is chosen on: ``constant_select_size``
+        training questions (a fixed seeded subset), or the validation set when 0."""
+        size = self.cfg.trainer.constant_select_size
+        if size == 0:
+            return list(self.val_examples), list(self.val_prompts)
+        import random
+
+        idx = sorted(random.Random(_mix(self.cfg.trainer.seed, 7)).sample(
+            range(len(self.train_examples)), min(size, len(self.train_examples))))
+        return [self.train_examples[i] for i in idx], [self.train_prompts[i] for i in idx]
 
     def best_constant(self) -> MethodResult:
-        """The best single constant strength (same on every feature), chosen on
-        the validation set itself: an optimistic baseline."""
-        n = len(self.val_examples)
+        """The best single constant strength (same on every feature) of the grid,
+        by mean reward on :meth:`constant_select_split`, then run on validation."""
         k = len(self.cfg.sae.features)
-        best: Optional[MethodResult] = None
+        examples, prompts = self.constant_select_split()
+        on_val = self.cfg.trainer.constant_select_size == 0
+        best_c, best_mean = None, -math.inf
         for c in self.constant_grid():
-            res = self.run_method("best constant strength", torch.full((n, k), float(c)),
-                                  detail=f"s={c:g}")
-            if best is None or res.mean > best.mean:
-                best = res
-        return best
+            res = self.run_method("constant", torch.full((len(examples), k), float(c)),
+                                  examples=examples, prompts=prompts)
+            if res.mean > best_mean:
+                best_c, best_mean = float(c), res.mean
+        where = "the validation set itself" if on_val else f"{len(examples)} training questions"
+        out = self.run_method("best constant strength",
+                              torch.full((len(self.val_examples), k), best_c),
+                              detail=f"s={best_c:g} of {len(self.constant_grid())}, chosen on "
+                                     f"{where}")
+        out.selection = {"split": "val" if on_val else "train", "n": len(examples),
+                         "grid": self.constant_grid(), "strength": best_c,
+                         "select_reward_mean": best_mean}
+        return out
 
     def _log_val(self, results: dict[str, MethodResult]) -> dict:
         row: dict[str, Any] = {"kind": "val", "step": self.step, "run_mode": self.run_mode}
@@ -502,6 +608,9 @@ class Trainer:
             tag = "unsteered" if key == "unsteered" else key
             row[f"val/{tag}/reward_mean"] = res.mean
             row[f"val/{tag}/reward_ci95"] = res.ci95
+            for key in SCORES:
+                if res.scores.get(key):
+                    row[f"val/{tag}/{key}_mean"] = res.score_mean(key)
             if res.strengths is not None and key == "learned":
                 row.update(self._strength_metrics(res.strengths, "val/learned/strength"))
         self.metrics.log(row)
@@ -577,10 +686,17 @@ class Trainer:
             "" if self.steer else f" -- SAE steering DISABLED ({UNSTEERED_LABEL})")
         summary["table"] = format_table(results, title)
         summary["validation"] = {k: {"name": v.name, "detail": v.detail, "mean": v.mean,
-                                     "ci95": v.ci95, "n": len(v.rewards)} for k, v in final.items()}
+                                     "ci95": v.ci95, "n": len(v.rewards),
+                                     **{key: v.score_mean(key) for key in SCORES if v.scores.get(key)},
+                                     "by_group": group_means(v), **(
+                                         {"selection": v.selection} if v.selection else {})}
+                                 for k, v in final.items()}
         if self.steer:
             self.predictor.save(self.out / "predictor")
             self._write_eval_files(final)
+        if cfg.samples:
+            write_samples(self.out / "samples.md", self.val_prompts,
+                          [final[k] for k in order if k in final], cfg.samples)
         atomic_write(self.out / "summary.json", json.dumps(summary, indent=2, default=float))
         if cfg.plots:
             from sae_fast.train.plots import make_all
@@ -596,7 +712,9 @@ class Trainer:
         data = {"features": self.cfg.sae.features, "bounds": list(self.bounds),
                 "groups": [e.data_source for e in self.val_examples],
                 "strengths": learned.tolist(),
-                "rewards": final["learned"].rewards}
+                "rewards": final["learned"].rewards,
+                "unsteered_concept": final["unsteered"].scores.get("concept", [])
+                if "unsteered" in final else []}
         atomic_write(ev / "strengths.json", json.dumps(data))
         if self.record_activations:
             # One pass per question type (data_source): a predictor that pushes
@@ -630,6 +748,31 @@ class Trainer:
             self.engine.close()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+
+
+def write_samples(path: Path, prompts: Sequence[str], results: Sequence[MethodResult],
+                  count: int) -> None:
+    """``samples.md``: for the first ``count`` validation prompts of each
+    question type, every method's completion side by side with its scores."""
+    base = results[0]
+    groups = base.groups or [""] * len(prompts)
+    by_group = [[i for i, x in enumerate(groups) if x == g] for g in dict.fromkeys(groups)]
+    order = [i for tier in itertools.zip_longest(*by_group) for i in tier if i is not None]
+    lines = ["# Validation samples", "",
+             "Each prompt with every method's completion (greedy unless the config samples "
+             "validation). reward = combined score; concept = the task's reward; fluency = "
+             "NLL above the unsteered completion (nats/token, lower = more fluent); repeat = "
+             "repeated bigram share.", ""]
+    for i in order[:count]:
+        group = f" ({groups[i]})" if groups[i] else ""
+        lines += [f"## Prompt {i}{group}", "", "```", prompts[i].strip(), "```", ""]
+        for r in results:
+            s = "" if r.strengths is None else ", strengths " + ", ".join(
+                f"{float(x):.2f}" for x in r.strengths[i].reshape(-1))
+            sc = "; ".join(f"{k} {r.scores[k][i]:.3f}" for k in SCORES if r.scores.get(k))
+            lines += [f"**{r.name}**{s}: reward {r.rewards[i]:.3f}; {sc}", "",
+                      "> " + (r.texts[i].strip().replace("\n", "\n> ") or "(empty)"), ""]
+    atomic_write(path, "\n".join(lines) + "\n")
 
 
 def merge_activation_summaries(parts: Sequence[dict]) -> dict:
