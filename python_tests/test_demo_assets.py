@@ -264,3 +264,14 @@ def test_logit_lens_finds_the_final_norm_of_each_family(arch):
                                         min_words=0)
     assert len(cands) == 3 and all(len(c["promotes"]) == 10 for c in cands)
     assert [c["lens_z"] for c in cands] == sorted((c["lens_z"] for c in cands), reverse=True)
+
+
+def test_builtin_names_resolve_to_the_shipped_files():
+    from sae_fast.models import resolve_builtin, smollm2
+
+    assert resolve_builtin("builtin:smollm2_sae") == str(ASSET)
+    assert resolve_builtin("builtin:smollm2") == str(smollm2())
+    assert resolve_builtin("/some/folder") == "/some/folder" and resolve_builtin(None) is None
+    with pytest.raises(FileNotFoundError, match="'builtin:gpt5': unknown built-in; expected one "
+                                                "of builtin:smollm2, builtin:smollm2_sae"):
+        resolve_builtin("builtin:gpt5")

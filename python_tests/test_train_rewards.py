@@ -68,3 +68,23 @@ def test_verl_reward_when_available():
     fn = R.RewardFunction("verl")
     scores, _ = fn(["openai/gsm8k"], ["#### 8"], ["8"], [None])
     assert scores == [1.0]
+
+
+def test_vader_reward_is_vaders_compound_signed_by_the_goal(monkeypatch):
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    ref = SentimentIntensityAnalyzer()
+    texts = ["What a wonderful, happy day!", "This is a terrible, awful mess.", "The chair."]
+    fn = R.RewardFunction("vader")
+    pos, extras = fn(["t"] * 3, texts, ["positive"] * 3, [None] * 3)
+    want = [ref.polarity_scores(t)["compound"] for t in texts]
+    assert pos == pytest.approx(want) and want[0] > 0.5 and want[1] < -0.5 and want[2] == 0.0
+    assert extras["compound"] == pytest.approx(sum(want) / 3)
+    neg, _ = fn(["t"] * 3, texts, ["Negative"] * 3, [None] * 3)
+    assert neg == pytest.approx([-w for w in want])
+    with pytest.raises(R.RewardError, match="ground_truth 'happy'; expected 'positive'"):
+        fn(["t"], ["x"], ["happy"], [None])
+    monkeypatch.setattr(R, "_VADER", [])
+    monkeypatch.setitem(__import__("sys").modules, "vaderSentiment.vaderSentiment", None)
+    with pytest.raises(R.RewardError, match="needs the vaderSentiment package"):
+        fn(["t"], ["x"], ["positive"], [None])

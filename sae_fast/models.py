@@ -122,3 +122,29 @@ def smollm2(folder: Optional[Path] = None) -> Path:
         tok.save_pretrained(str(tmp))
 
     return atomic_dir(Path(final), build)
+
+
+# Names a config may give instead of a path (``model.path: builtin:smollm2``), for the
+# files that ship with sae_fast or its pinned wheels: no hub, no repository path.
+BUILTIN_PREFIX = "builtin:"
+
+
+def _demo_sae() -> Path:
+    from sae_fast.train.demo_task import demo_sae_dir
+
+    return demo_sae_dir()
+
+
+BUILTINS = {"smollm2": smollm2, "smollm2_sae": _demo_sae}
+
+
+def resolve_builtin(path: Optional[str]) -> Optional[str]:
+    """``builtin:<name>`` -> the local path of that shipped model / SAE
+    (names: see :data:`BUILTINS`); anything else unchanged."""
+    if not isinstance(path, str) or not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in BUILTINS:
+        raise FileNotFoundError(f"{path!r}: unknown built-in; expected one of "
+                                f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTINS))}")
+    return str(BUILTINS[name]())

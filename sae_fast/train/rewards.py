@@ -9,6 +9,7 @@ metrics. Built-ins:
     gsm8k             the number after ``#### `` (strict) or the last number (flexible)
     keyword           fraction of ground-truth keywords present, or a weighted lexicon
     token_preference  +1/-1 per generated token id in a wanted/unwanted set (synthetic tasks)
+    vader             VADER's compound sentiment score (vaderSentiment), signed by ground_truth
     by_data_source    routes each sample to one of the above by its data_source
     verl              verl.utils.reward_score.default_compute_score (needs verl)
 
@@ -144,6 +145,29 @@ def token_preference(data_source: str, solution_str: str, ground_truth: Any,
     return (sum(i in good for i in ids) - sum(i in bad for i in ids)) / len(ids)
 
 
+_VADER: list = []  # the one SentimentIntensityAnalyzer (loading its lexicon takes ~0.1 s)
+
+
+def vader(data_source: str, solution_str: str, ground_truth: Any,
+          extra_info: Optional[dict] = None, **_: Any) -> dict:
+    """VADER's compound score of the text (vaderSentiment, in [-1, 1]); for
+    ``ground_truth`` "negative" its negation, so higher is always better.
+    Also reports the raw ``compound``."""
+    want = str(ground_truth).lower()
+    if want not in ("positive", "negative"):
+        raise RewardError(f"vader: ground_truth {ground_truth!r}; expected 'positive' or "
+                          "'negative' (the sentiment to steer towards)")
+    if not _VADER:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as err:
+            raise RewardError("reward 'vader' needs the vaderSentiment package "
+                              "(pip install vaderSentiment)") from err
+        _VADER.append(SentimentIntensityAnalyzer())
+    compound = float(_VADER[0].polarity_scores(solution_str)["compound"])
+    return {"score": compound if want == "positive" else -compound, "compound": compound}
+
+
 def verl_default(data_source: str, solution_str: str, ground_truth: Any,
                  extra_info: Optional[dict] = None, **kwargs: Any):
     fn = _verl_default_compute_score()
@@ -184,6 +208,7 @@ BUILTINS: dict[str, Callable] = {
     "keyword": keyword,
     "lexicon": keyword,
     "token_preference": token_preference,
+    "vader": vader,
     "verl": verl_default,
 }
 
