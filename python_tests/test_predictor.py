@@ -193,3 +193,41 @@ def test_prediction_cache_invalidates_after_an_update(tiny):
     b = p.predict_strengths(**enc)
     assert not torch.equal(a, b)
     assert math.isfinite(float(b.sum()))
+
+
+def test_input_stats_standardise_each_dimension_and_persist(tmp_path):
+    """fit_input_stats: the trunk sees (x - mean) / std per dimension (then the
+    LayerNorm); a shared offset that swamps the differences is removed."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=g) * 100  # the part every question shares
+    x = base + torch.randn(40, 64, generator=g) * torch.linspace(0.01, 2.0, 64)
+    p = StrengthPredictor(PredictorConfig(input_dim=64, num_features=2))
+    seen = []
+    p.trunk.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    p(x)
+    assert float(seen[-1].std(0).mean()) < 0.2  # unfitted: the LayerNorm leaves it swamped
+    p.fit_input_stats(x)
+    assert torch.allclose(p.input_mean, x.mean(0)) and torch.allclose(p.input_scale, x.std(0))
+    p(x)
+    z = (x - x.mean(0)) / x.std(0)
+    ref = torch.nn.functional.layer_norm(z, (64,))
+    assert torch.allclose(seen[-1], ref, atol=1e-5)
+    p.save(tmp_path / "p")
+    q = StrengthPredictor.load(tmp_path / "p")
+    assert torch.equal(q.input_mean, p.input_mean) and torch.allclose(q(x).mean, p(x).mean)
+    with pytest.raises(PredictorError, match="at least 2 embeddings, got 1"):
+        p.fit_input_stats(x[:1])
+
+
+def test_predictor_saved_without_input_stats_loads_as_identity(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    p = StrengthPredictor(PredictorConfig(input_dim=8, num_features=1))
+    p.save(tmp_path / "old")
+    w = tmp_path / "old" / "predictor.safetensors"
+    state = {k: v for k, v in load_file(str(w)).items() if not k.startswith("input_")}
+    save_file(state, str(w))  # as written before the stats existed
+    q = StrengthPredictor.load(tmp_path / "old")
+    assert torch.equal(q.input_mean, torch.zeros(8)) and torch.equal(q.input_scale, torch.ones(8))
+    x = torch.randn(3, 8)
+    assert torch.allclose(q(x).mean, p(x).mean)

@@ -394,3 +394,19 @@ def test_merge_activation_summaries_weights_by_tokens():
     assert m["7"]["after_max"] == 9.0
     assert m["7"]["after_active_frac"] == pytest.approx(0.4)
     assert m["8"] == b["8"]
+
+
+def test_embedding_standardize_fits_the_predictor_on_training_questions(tiny, task, tmp_path):
+    from sae_fast.predictor import StrengthPredictor
+
+    model, tok = tiny
+    cfg = make_cfg(task, tmp_path / "run", **{"trainer.total_steps": 1, "trainer.final_eval": False,
+                                              "embedding.standardize": True})
+    with Trainer(cfg, model=model, tokenizer=tok) as tr:
+        tr.setup()
+        emb = tr.embedder.embed_texts(tr.train_prompts)
+        assert torch.allclose(tr.predictor.input_mean, emb.mean(0), atol=1e-5)
+        assert torch.allclose(tr.predictor.input_scale, emb.std(0), rtol=1e-4)
+        tr.fit()
+    saved = StrengthPredictor.load(tmp_path / "run" / "predictor")
+    assert torch.allclose(saved.input_mean, emb.mean(0), atol=1e-5)

@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=None)
 
     d = sub.add_parser("demo", help="learn per-question steering of SmolLM2-135M with the shipped "
-                       "SAE (CPU, <= 10 min); --tiny: a tiny random model (a few minutes)")
+                       "SAE (CPU, about 4 min on 2 cores); --tiny: a tiny random model")
     d.add_argument("--output-dir", help="default: a new temporary folder")
     d.add_argument("--engine", choices=["standalone", "verl"], default="standalone",
                    help="verl: the same job inside verl (vLLM rollout servers on Ray)")
@@ -443,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ones, package data sae_fast/assets/demo_data)")
     d.add_argument("--resume", action="store_true",
                    help="SmolLM2 demo: continue from the latest checkpoint in --output-dir")
-    d.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the SmolLM2 demo (0 = torch's default)")
+    d.add_argument("--threads", type=int, default=0,
+                   help="torch threads for the SmolLM2 demo (default 0 = torch's default, one "
+                   "per core; on a busy machine 1 is faster)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--algorithm", default="grpo", choices=["grpo", "ppo", "reinforce"])
     d.add_argument("--no-progress", action="store_true")

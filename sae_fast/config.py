@@ -290,6 +290,11 @@ class EmbeddingConfig(_Section):
     batch_size: int = Field(16, ge=1)
     cache: bool = True
     exclude_special_tokens: bool = True
+    # standardise the predictor's input per dimension by the training questions' mean and
+    # std (StrengthPredictor.fit_input_stats): questions that share a long chat template
+    # differ in a small part of their mean-pooled hidden state. Off by default: on the
+    # sentiment task at lr 1e-2 it drove strengths to the bounds (issue 15 notes)
+    standardize: bool = False
 
 
 class RolloutConfig(_Section):

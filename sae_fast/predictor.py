@@ -126,6 +126,12 @@ class StrengthPredictor(nn.Module):
         # magnitude (a few positions carry huge norms); a parameter-free
         # LayerNorm keeps the MLP's input well conditioned whatever the source.
         self.norm = nn.LayerNorm(c.input_dim, elementwise_affine=False)
+        # Per-dimension standardisation over the training questions (fit_input_stats):
+        # mean-pooled hidden states of chat prompts share a large common part (the
+        # template and system prompt), so questions differ in a small subspace that
+        # the per-sample LayerNorm alone leaves swamped. Identity until fitted.
+        self.register_buffer("input_mean", torch.zeros(c.input_dim))
+        self.register_buffer("input_scale", torch.ones(c.input_dim))
         layers: list[nn.Module] = []
         width = c.input_dim
         for _ in range(c.num_layers):
@@ -151,7 +157,7 @@ class StrengthPredictor(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> PolicyOutput:
         x = self._check_input(embeddings)
-        h = self.trunk(self.norm(x))
+        h = self.trunk(self.norm((x - self.input_mean) / self.input_scale))
         mean = self.mean_head(h)
         log_std = self.log_std.clamp(self.config.min_log_std, self.config.max_log_std)
         value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
@@ -172,6 +178,18 @@ class StrengthPredictor(nn.Module):
             raise PredictorError("embeddings contain NaN/inf; the frozen LLM produced non-finite "
                                  "hidden states for this input")
         return x
+
+    @torch.no_grad()
+    def fit_input_stats(self, embeddings: torch.Tensor, eps: float = 1e-6) -> None:
+        """Standardise inputs per dimension by the mean and std of ``embeddings``
+        (the training questions'); saved with the predictor."""
+        x = self._check_input(embeddings).float()
+        if x.shape[0] < 2:
+            raise PredictorError(f"fit_input_stats needs at least 2 embeddings, got {x.shape[0]}")
+        self.input_mean.copy_(x.mean(0))
+        # a floor relative to the typical spread keeps constant dimensions from blowing up
+        std = x.std(0)
+        self.input_scale.copy_(std.clamp_min(max(float(std.mean()) * 1e-2, eps)))
 
     def squash(self, u: torch.Tensor) -> torch.Tensor:
         """Pre-squash actions -> effective strengths (bounded, scaled)."""
@@ -314,6 +332,8 @@ class StrengthPredictor(nn.Module):
         except Exception as err:  # safetensors raises its own types
             raise PredictorError(f"{w_path}: not a readable safetensors file ({err})") from err
         model = cls(config)
+        for name in ("input_mean", "input_scale"):  # predictors saved before the stats: identity
+            state.setdefault(name, getattr(model, name).clone())
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:

@@ -31,6 +31,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def read_metrics(path: Path) -> list[dict]:
     rows = []
     if not Path(path).is_file():
@@ -74,10 +81,7 @@ def plot_reward_curve(rows: list[dict], out: Path, title: str = "") -> Optional[
     ax.set_title(title or "reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_strength_distributions(data: dict, out: Path) -> Optional[Path]:
@@ -112,10 +116,7 @@ def plot_strength_distributions(data: dict, out: Path) -> Optional[Path]:
             ax.legend(fontsize=7)
     extra = "" if len(feats) <= k else f" (first {k} of {len(feats)} features)"
     fig.suptitle(f"predicted strengths per feature{extra}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_feature_activations(data: dict, out: Path,
@@ -144,10 +145,7 @@ def plot_feature_activations(data: dict, out: Path,
     ax.set_title("feature activation at the steered layer\n(validation, learned strengths)", fontsize=9)
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_strength_vs_unsteered(data: dict, out: Path) -> Optional[Path]:
@@ -170,10 +168,7 @@ def plot_strength_vs_unsteered(data: dict, out: Path) -> Optional[Path]:
     ax.set_title("learned strength vs how close the question already is", fontsize=9)
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def make_all(output_dir: Any, title: str = "") -> list[Path]:

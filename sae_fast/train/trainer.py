@@ -272,6 +272,9 @@ class Trainer:
             self.predictor = build_predictor(cfg.sae, self.embedder.dim, cfg.algorithm)
             self.predictor.config.embedding = self.embedder.describe()
             self.predictor.attach_embedder(self.embedder)
+            if cfg.embedding.standardize:
+                with torch.no_grad():
+                    self.predictor.fit_input_stats(self.embedder.embed_texts(self.train_prompts))
             self.optimizer = make_optimizer(self.predictor, cfg.algorithm)
             self.updater = PolicyUpdater(self.predictor, self.optimizer, cfg.algorithm)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.trainer.keep_checkpoints)
@@ -695,7 +698,9 @@ class Trainer:
             self.predictor.save(self.out / "predictor")
             self._write_eval_files(final)
         if cfg.samples:
-            write_samples(self.out / "samples.md", self.val_prompts,
+            shown = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"]
+                     for e in self.val_examples]  # the question, without the chat template
+            write_samples(self.out / "samples.md", shown,
                           [final[k] for k in order if k in final], cfg.samples)
         atomic_write(self.out / "summary.json", json.dumps(summary, indent=2, default=float))
         if cfg.plots:
