@@ -360,7 +360,7 @@ _CKPT_WRITER = textwrap.dedent("""
     while True:
         step += 1
         with torch.no_grad():
-            for t in p.parameters():
+            for t in p.state_dict().values():  # parameters and buffers
                 t.fill_(float(step))
         mgr.save(step, p, opt, {"marker": step})
         print(step, flush=True)
