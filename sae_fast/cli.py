@@ -160,7 +160,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pred.attach_embedder(QuestionEmbedder(
             model, tok, source=emb.get("source", "hidden"),
             layer=emb["layer"] if emb.get("layer") is not None else layers[0],
-            exclude_special_tokens=emb.get("exclude_special_tokens", True)))
+            exclude_special_tokens=emb.get("exclude_special_tokens", True),
+            pool=emb.get("pool", "mean")))
         strengths = pred.predict_strengths(texts=texts)
     elif args.sae is not None:
         lo, hi = args.min_strength * args.strength_scale, args.max_strength * args.strength_scale

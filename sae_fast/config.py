@@ -290,6 +290,9 @@ class EmbeddingConfig(_Section):
     batch_size: int = Field(16, ge=1)
     cache: bool = True
     exclude_special_tokens: bool = True
+    # mean: over the prompt's tokens; last: the hidden state of the last prompt token (it
+    # has read the whole prompt; a mean is dominated by a long shared chat template)
+    pool: Literal["mean", "last"] = "mean"
     # standardise the predictor's input per dimension by the training questions' mean and
     # std (StrengthPredictor.fit_input_stats): questions that share a long chat template
     # differ in a small part of their mean-pooled hidden state. Off by default: on the

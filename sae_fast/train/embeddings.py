@@ -26,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = ("hidden", "input_embeddings")
+POOLS = ("mean", "last")  # mean over the prompt tokens, or the last prompt token
 
 
 class _Stop(Exception):
@@ -36,12 +37,15 @@ class QuestionEmbedder:
     def __init__(self, model: Any, tokenizer: Any, *, source: str = "hidden",
                  layer: int = -1, max_length: int = 512, batch_size: int = 16,
                  cache: bool = True, exclude_special_tokens: bool = True,
-                 guard: Optional[Callable[[], Any]] = None) -> None:
+                 guard: Optional[Callable[[], Any]] = None, pool: str = "mean") -> None:
         """``guard``: a callable returning a context manager entered around every
         forward, e.g. a rollout engine's ``unsteered`` (embeddings are always of
         the unsteered model)."""
         from sae_fast.backends.common import decoder_layers, hidden_size_of, resolve_layer
 
+        if pool not in POOLS:
+            raise ValueError(f"embedding pool={pool!r}; expected one of {', '.join(POOLS)}")
+        self.pool = pool
         if source not in SOURCES:
             raise ValueError(f"embedding source={source!r}; expected one of {', '.join(SOURCES)}")
         self.model = model
@@ -67,7 +71,7 @@ class QuestionEmbedder:
 
     def describe(self) -> dict:
         return {"source": self.source, "layer": self.layer, "max_length": self.max_length,
-                "exclude_special_tokens": self.exclude_special_tokens}
+                "exclude_special_tokens": self.exclude_special_tokens, "pool": self.pool}
 
     # ------------------------------------------------------------------ public
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -125,6 +129,10 @@ class QuestionEmbedder:
                 states = self.model.get_input_embeddings()(ids)
             else:
                 states = self._layer_output(ids, mask)
+        if self.pool == "last":  # the last real token (padding on either side)
+            pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+            last = torch.where(mask.bool(), pos, -1).max(dim=1).values.clamp(min=0)
+            return states.float()[torch.arange(ids.shape[0], device=device), last].cpu()
         w = keep.to(torch.float32)[..., None]
         pooled = (states.float() * w).sum(1) / w.sum(1).clamp(min=1.0)
         return pooled.cpu()
@@ -157,4 +165,5 @@ def embedder_from_config(model: Any, tokenizer: Any, cfg: Any, default_layer: in
     layer = cfg.layer if cfg.layer is not None else default_layer
     return QuestionEmbedder(model, tokenizer, source=cfg.source, layer=layer,
                             max_length=cfg.max_length, batch_size=cfg.batch_size, cache=cfg.cache,
-                            exclude_special_tokens=cfg.exclude_special_tokens, guard=guard)
+                            exclude_special_tokens=cfg.exclude_special_tokens, guard=guard,
+                            pool=cfg.pool)
