@@ -64,7 +64,7 @@ from bench_hf import CANDIDATES, Bench, DecodeStep, check_steering, frozen_heap
 from bench_predictor import FEATURES, HIDDEN, LAYERS, MODELS, predictor_config
 from sae_fast.backends.tables import SteeringTables
 from sae_fast.backends.vllm_engine import LayerSlot
-from sae_fast.backends.vllm_engine.groups import AttachedSAE
+from sae_fast.backends.common import AttachedSAE
 from sae_fast.plan import SteeringSpec, build_plan
 from sae_fast.predictor import StrengthPredictor
 from sae_fast.sae import load_sae, random_sae

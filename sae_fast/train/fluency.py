@@ -77,9 +77,11 @@ class FluencyScorer:
             target[b, off + len(p):] = True
         with self.guard():
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        tok_lp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-        tgt = target[:, 1:]
+        tgt = target[:, 1:]  # position t predicts token t + 1
+        # log-softmax over the vocabulary only where a completion token is predicted
+        # (a long chat-template prompt would otherwise dominate the [B, S, V] buffer)
+        rows = torch.log_softmax(logits[:, :-1][tgt.to(device)].float(), dim=-1)
+        tok_lp = rows.gather(-1, ids[:, 1:][tgt].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        sums = torch.zeros(len(seqs)).index_add_(0, tgt.nonzero()[:, 0], -tok_lp)
         counts = tgt.sum(1)
-        sums = -(tok_lp * tgt).sum(1)
         return [float(s / c) if c > 0 else 0.0 for s, c in zip(sums, counts)]

@@ -396,11 +396,6 @@ class Trainer:
         return Decoding(max_new_tokens=r.max_new_tokens, do_sample=r.do_sample,
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=seed)
 
-    @property
-    def _fluency_terms(self) -> bool:
-        r = self.cfg.reward
-        return r.fluency_weight > 0 or r.repetition_weight > 0
-
     def _reference_nll(self, prompts: Sequence[str]) -> list[float]:
         """NLL of each prompt's unsteered completion (validation decoding), computed once."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._ref_nll]
@@ -415,7 +410,7 @@ class Trainer:
     def _score(self, examples: Sequence[Example], prompts: Sequence[str], completions,
                fluency: bool = True) -> tuple[list[float], dict[str, float], dict[str, list[float]]]:
         """(combined rewards, the reward function's extra means, per-rollout scores).
-        ``fluency=False`` skips the NLL forwards (training with zero fluency weights)."""
+        ``fluency=False`` skips the NLL forwards (training with a zero fluency weight)."""
         extra = []
         for ex, p, c in zip(examples, prompts, completions):
             info = dict(ex.extra_info)
@@ -483,7 +478,7 @@ class Trainer:
         steer_stats = self.engine.stats_dict()
         with self._timed("reward"):
             rewards, extras, scores = self._score(rep_examples, rep_prompts, completions,
-                                                  fluency=self._fluency_terms)
+                                                  fluency=cfg.reward.fluency_weight > 0)
         r = torch.tensor(rewards, dtype=torch.float32)
         metrics: dict[str, Any] = {"kind": "train", "step": step, "run_mode": self.run_mode,
                                    "epoch": self.schedule.epoch_of(step)}
