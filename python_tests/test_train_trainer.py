@@ -410,3 +410,53 @@ def test_embedding_standardize_fits_the_predictor_on_training_questions(tiny, ta
         tr.fit()
     saved = StrengthPredictor.load(tmp_path / "run" / "predictor")
     assert torch.allclose(saved.input_mean, emb.mean(0), atol=1e-5)
+
+
+def test_keep_best_reports_the_step_that_scores_best_on_the_selection_split(tiny, task, tmp_path):
+    """trainer.keep_best: the predictor scored best on the selection split (the
+    training questions the best constant is chosen on) is the one reported and
+    saved, even when training later ruins it; a resumed run keeps the same choice."""
+    over = {"trainer.total_steps": 8, "trainer.val_every": 2, "trainer.save_every": 2,
+            "trainer.keep_checkpoints": 10, "trainer.keep_best": True, "trainer.plots": False,
+            "trainer.constant_select_size": 16}
+
+    def ruin(trainer, step, metrics):
+        if step == 5:  # flip the predictor: the sign of every strength reverses
+            with torch.no_grad():
+                trainer.predictor.mean_head.weight.neg_()
+                trainer.predictor.mean_head.bias.neg_()
+            trainer.predictor.clear_cache()
+
+    out_a = tmp_path / "a"
+    summary = run(make_cfg(task, out_a, **over), tiny, callbacks=[ruin])
+    vals = [r for r in metrics_rows(out_a) if r["kind"] == "val"]
+    scores = {r["step"]: r["select/learned/reward_mean"] for r in vals}
+    assert sorted(scores) == [0, 2, 4, 6, 8]
+    best = max(scores, key=scores.get)
+    assert best in (2, 4) and scores[best] > max(scores[6], scores[8]) + 0.3, scores
+    assert summary["keep_best"]["step"] == best
+    assert summary["keep_best"]["select_reward_mean"] == pytest.approx(scores[best])
+    # the reported predictor is the one the loop checkpointed at that step, not the last one
+    from sae_fast.predictor import StrengthPredictor
+
+    saved = StrengthPredictor.load(out_a / "predictor").state_dict()
+    at_best = CheckpointManager(out_a / "checkpoints").load(
+        out_a / "checkpoints" / f"step_{best:08d}")["predictor"].state_dict()
+    last = CheckpointManager(out_a / "checkpoints").load()["predictor"].state_dict()
+    assert all(torch.equal(saved[k], at_best[k]) for k in saved)
+    assert not torch.equal(saved["mean_head.weight"], last["mean_head.weight"])
+    # the final table's learned row beats the ruined last predictor's selection score
+    assert summary["validation"]["learned"]["mean"] > scores[8]
+
+    out_b = tmp_path / "b"
+
+    def bomb(trainer, step, metrics):
+        if step == 7:  # last checkpoint: step 6, which holds the best predictor so far
+            raise Boom
+
+    with pytest.raises(Boom):
+        run(make_cfg(task, out_b, **over), tiny, callbacks=[ruin, bomb])
+    summary_b = run(make_cfg(task, out_b, **over), tiny, callbacks=[ruin], resume=True)
+    assert summary_b["keep_best"] == summary["keep_best"]
+    saved_b = StrengthPredictor.load(out_b / "predictor").state_dict()
+    assert all(torch.equal(saved[k], saved_b[k]) for k in saved)

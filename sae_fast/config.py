@@ -385,6 +385,10 @@ class TrainerConfig(_Section):
     # reported validation set); 0 = on the validation set itself (optimistic, labelled so)
     constant_select_size: int = Field(32, ge=0)
     samples: int = Field(4, ge=0)  # validation prompts shown side by side in samples.md
+    # keep the predictor of the step (0, every val_every, the last) that scores best on the
+    # constant_select_size training questions, the same split the best constant is chosen
+    # on; the final table reports that predictor (the last step's stays in checkpoints/)
+    keep_best: bool = False
     final_eval: bool = True  # unsteered / random / best constant / learned table at the end
     # feature activations before/after steering in the final eval; default: on
     # where the rollout engine can record them (hf), off where it cannot (vllm,

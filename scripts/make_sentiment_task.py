@@ -12,7 +12,8 @@ or sad. The right strength depends on both: a cheerful take on a happy topic
 needs little push, on a sad topic a strong push down the negativity feature;
 a gloomy take on a happy topic needs a strong push up, on a sad topic little.
 data_source is ``<tone>_<tier>``. Train and validation use disjoint topics
-(8 and 4 per tier), with the same templates.
+(12 and 8 per tier), with the same four templates per tone:
+288 training and 192 validation questions.
 
     python scripts/make_sentiment_task.py [--out examples/sentiment]
 """
@@ -25,23 +26,35 @@ import sys
 from pathlib import Path
 
 TEMPLATES = {"positive": ["Describe {t} in a cheerful way.",
-                         "Write two happy, upbeat sentences about {t}."],
+                         "Write two happy, upbeat sentences about {t}.",
+                         "Tell me something joyful about {t}.",
+                         "Write a short, optimistic note about {t}."],
              "negative": ["Describe {t} in a gloomy way.",
-                          "Write two sad, bleak sentences about {t}."]}
+                          "Write two sad, bleak sentences about {t}.",
+                          "Tell me something miserable about {t}.",
+                          "Write a short, pessimistic note about {t}."]}
 TONE = {"positive": "cheerful", "negative": "gloomy"}
 TOPICS = {
     "happy": ["your favourite holiday", "a surprise birthday party", "a puppy playing in the park",
-                 "winning a prize", "a sunny day at the beach", "a wedding", "meeting an old friend",
-                 "a delicious meal", "graduation day", "a beautiful sunrise", "a kind stranger",
-                 "a garden in full bloom"],
+              "winning a prize", "a sunny day at the beach", "a wedding", "meeting an old friend",
+              "a delicious meal", "a baby's first steps", "a family picnic", "a big hug",
+              "a summer festival",
+              "graduation day", "a beautiful sunrise", "a kind stranger",
+              "a garden in full bloom", "a rainbow after the rain", "a fun road trip",
+              "a cozy evening by the fire", "a good friend's laughter"],
     "neutral": ["a kitchen", "a train station", "a Tuesday morning", "a city street",
-                 "an office meeting", "a bus ride", "a library", "an old chair",
-                 "a trip to the supermarket", "a parking lot", "a staircase", "a calendar"],
+                "an office meeting", "a bus ride", "a library", "an old chair",
+                "a filing cabinet", "a spreadsheet", "a lamp post", "a bicycle lane",
+                "a trip to the supermarket", "a parking lot", "a staircase", "a calendar",
+                "a cardboard box", "a hallway", "a laundry basket", "a street map"],
     "sad": ["a car accident", "losing your job", "a funeral", "a flooded house",
-                 "a terrible toothache", "being stuck in traffic for hours", "failing an exam",
-                 "a broken leg", "a burglary at home", "a war", "a painful breakup", "a sick pet"],
+            "a terrible toothache", "being stuck in traffic for hours", "failing an exam",
+            "a broken leg", "a lonely hospital stay", "a forest fire", "a lost wallet",
+            "a cancelled holiday",
+            "a burglary at home", "a war", "a painful breakup", "a sick pet",
+            "an earthquake", "a bankrupt company", "a missed flight", "a rainy, lonely birthday"],
 }
-N_VAL_TOPICS = 4  # the last four topics of each tier
+N_VAL_TOPICS = 8  # the last eight topics of each tier
 
 
 def rows(split: str) -> list[dict]:

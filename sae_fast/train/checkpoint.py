@@ -4,6 +4,7 @@ Layout under ``<output_dir>/checkpoints/``::
 
     step_00000010/
         predictor/predictor.safetensors + predictor_config.json
+        best_predictor/        (trainer.keep_best) the best predictor so far
         optimizer.pt           AdamW state (weights_only loadable)
         trainer_state.json     step, updater state, config, ...
         manifest.json          sha256 + size of every file above (written last)
@@ -60,12 +61,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, predictor: Any, optimizer: Optional[torch.optim.Optimizer],
-             state: dict) -> Path:
+             state: dict, best_predictor: Any = None) -> Path:
+        """``best_predictor``: the predictor kept by ``trainer.keep_best`` so far
+        (saved beside the current one, so a resumed run keeps its choice)."""
         name = f"step_{int(step):08d}"
 
         def build(tmp: Path) -> None:
             if predictor is not None:
                 predictor.save(tmp / "predictor")
+            if best_predictor is not None:
+                best_predictor.save(tmp / "best_predictor")
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": int(step)},
@@ -164,7 +169,8 @@ class CheckpointManager:
     def load(self, path: Optional[Path] = None) -> dict:
         """Verify and read a checkpoint (default: the latest).
 
-        Returns ``{"path", "state", "predictor" (or None), "optimizer" (or None)}``."""
+        Returns ``{"path", "state", "predictor", "best_predictor", "optimizer"}`` (each
+        of the last three None when the checkpoint has none)."""
         from sae_fast.predictor import PredictorError, StrengthPredictor
 
         path = Path(path) if path is not None else self.latest()
@@ -175,16 +181,18 @@ class CheckpointManager:
             state = json.loads((path / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({err})") from err
-        predictor = None
-        if (path / "predictor").is_dir():
-            try:
-                predictor = StrengthPredictor.load(path / "predictor")
-            except PredictorError as err:
-                raise CheckpointError(str(err)) from err
+        found = {}
+        for key in ("predictor", "best_predictor"):
+            found[key] = None
+            if (path / key).is_dir():
+                try:
+                    found[key] = StrengthPredictor.load(path / key)
+                except PredictorError as err:
+                    raise CheckpointError(str(err)) from err
         optimizer = None
         if (path / "optimizer.pt").is_file():
             try:
                 optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
             except Exception as err:
                 raise CheckpointError(f"{path / 'optimizer.pt'}: unreadable ({err})") from err
-        return {"path": path, "state": state, "predictor": predictor, "optimizer": optimizer}
+        return {"path": path, "state": state, **found, "optimizer": optimizer}

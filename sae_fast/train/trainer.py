@@ -201,6 +201,11 @@ class Trainer:
         self._train_examples, self._val_examples = train_examples, val_examples
         self.step = 0
         self.timings: dict[str, float] = {}
+        # trainer.keep_best: {"step", "reward", "predictor"} of the best selection-split score
+        self.best: Optional[dict] = None
+        # validation results that do not depend on the predictor (unsteered, random,
+        # configured): generation is seeded and the same at every validation
+        self._fixed_results: dict[str, MethodResult] = {}
         self._setup_done = False
 
     # ================================================================== setup
@@ -376,6 +381,8 @@ class Trainer:
             if ck["optimizer"] is not None:
                 self.optimizer.load_state_dict(ck["optimizer"])
             self.updater.load_state_dict(state.get("updater", {}))
+            if state.get("best") is not None and ck.get("best_predictor") is not None:
+                self.best = {**state["best"], "predictor": ck["best_predictor"]}
         self.step = int(state["step"])
         saved = state.get("config")
         if saved is not None and saved != self.cfg.to_dict():
@@ -544,7 +551,9 @@ class Trainer:
         results: dict[str, MethodResult] = {}
         n = len(self.val_examples)
         for m in methods:
-            if m == "unsteered":
+            if m in self._fixed_results:
+                results[m] = self._fixed_results[m]
+            elif m == "unsteered":
                 results[m] = self.run_method(UNSTEERED_LABEL if not self.steer else "unsteered", None)
             elif not self.steer:
                 continue
@@ -558,6 +567,8 @@ class Trainer:
                 fixed = torch.tensor(self.cfg.sae.fixed_strengths())
                 results[m] = self.run_method("configured strengths", fixed.expand(n, -1).clone(),
                                              detail=str(self.cfg.sae.strengths))
+            if m in results and m != "learned":
+                self._fixed_results[m] = results[m]
         return results
 
     def constant_grid(self) -> list[float]:
@@ -600,8 +611,32 @@ class Trainer:
                          "select_reward_mean": best_mean}
         return out
 
-    def _log_val(self, results: dict[str, MethodResult]) -> dict:
-        row: dict[str, Any] = {"kind": "val", "step": self.step, "run_mode": self.run_mode}
+    def track_best(self) -> dict:
+        """``trainer.keep_best``: score the current predictor on the selection
+        split (:meth:`constant_select_split`) and keep a copy when it is the best
+        so far. Returns the ``select/*`` metrics for the validation row."""
+        if not (self.cfg.trainer.keep_best and self.steer):
+            return {}
+        if self.best is not None and self.best.get("last_step") == self.step:
+            return {"select/learned/reward_mean": self.best["last_reward"],
+                    "select/best_step": self.best["step"]}
+        examples, prompts = self.constant_select_split()
+        score = self.run_method("learned predictor", self.learned_strengths(prompts),
+                                examples=examples, prompts=prompts).mean
+        if self.best is None or score > self.best["reward"]:
+            import copy
+
+            from sae_fast.predictor import StrengthPredictor
+
+            kept = StrengthPredictor(copy.deepcopy(self.predictor.config)).eval()
+            kept.load_state_dict(self.predictor.state_dict())
+            self.best = {"step": self.step, "reward": score, "predictor": kept}
+        self.best.update(last_step=self.step, last_reward=score)
+        return {"select/learned/reward_mean": score, "select/best_step": self.best["step"]}
+
+    def _log_val(self, results: dict[str, MethodResult], extra: Optional[dict] = None) -> dict:
+        row: dict[str, Any] = {"kind": "val", "step": self.step, "run_mode": self.run_mode,
+                               **(extra or {})}
         for key, res in results.items():
             tag = "unsteered" if key == "unsteered" else key
             row[f"val/{tag}/reward_mean"] = res.mean
@@ -618,8 +653,11 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         state = {"updater": self.updater.state_dict() if self.updater else {},
                  "config": self.cfg.to_dict(), "run_mode": self.run_mode,
-                 "total_steps": self.total_steps, "time": time.time()}
-        self.ckpt.save(self.step, self.predictor, self.optimizer, state)
+                 "total_steps": self.total_steps, "time": time.time(),
+                 "best": None if self.best is None else
+                 {k: v for k, v in self.best.items() if k != "predictor"}}
+        self.ckpt.save(self.step, self.predictor, self.optimizer, state,
+                       best_predictor=None if self.best is None else self.best["predictor"])
 
     def fit(self) -> dict:
         """Train to ``total_steps`` (continuing after a resume); returns a summary."""
@@ -633,7 +671,7 @@ class Trainer:
             log.warning("SAE steering DISABLED (--disable-sae): rollouts run the plain LLM; the "
                         "metrics are the unsteered baseline")
         if cfg.val_before_train and self.step == 0:
-            self._log_val(self.validate())
+            self._log_val(self.validate(), self.track_best())
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress_bar,
                    desc="sae-fast train" + ("" if self.steer else " [SAE DISABLED]"),
                    dynamic_ncols=True)
@@ -648,7 +686,7 @@ class Trainer:
                 bar.set_postfix(post)
                 bar.update(1)
                 if cfg.val_every and self.step % cfg.val_every == 0 and self.step < self.total_steps:
-                    row = self._log_val(self.validate())
+                    row = self._log_val(self.validate(), self.track_best())
                     bar.write(self._val_line(row))
                 if cfg.save_every and (self.step % cfg.save_every == 0 or
                                        self.step == self.total_steps):
@@ -674,10 +712,21 @@ class Trainer:
         if cfg.save_every == 0 or not self.ckpt.list() or \
                 self.ckpt.latest().name != f"step_{self.step:08d}":
             self._save_checkpoint()
+        select = self.track_best()
+        if self.best is not None:
+            summary["keep_best"] = {"step": self.best["step"], "select_reward_mean":
+                                    self.best["reward"], "last_step_select_reward_mean":
+                                    self.best["last_reward"]}
+            if self.best["step"] != self.step:
+                log.info("keep_best: reporting the predictor of step %d (selection reward %.4f; "
+                         "step %d: %.4f)", self.best["step"], self.best["reward"], self.step,
+                         self.best["last_reward"])
+                self.predictor.load_state_dict(self.best["predictor"].state_dict())
+                self.predictor.clear_cache()
         final = self.validate()
         if cfg.final_eval and self.steer:
             final["best_constant"] = self.best_constant()
-        self._log_val(final)
+        self._log_val(final, select)
         order = ["unsteered", "random", "best_constant", "configured", "learned"]
         results = [final[k] for k in order if k in final]
         title = "final validation" + (
@@ -716,6 +765,13 @@ class Trainer:
                 "unsteered_concept": final["unsteered"].scores.get("concept", [])
                 if "unsteered" in final else []}
         atomic_write(ev / "strengths.json", json.dumps(data))
+        # every method's per-question scores: what scripts/seeds.py pools over seeds
+        per_question = {k: {"name": v.name, "detail": v.detail, "rewards": v.rewards,
+                            "groups": v.groups, **{key: v.scores[key] for key in SCORES
+                                                   if v.scores.get(key)},
+                            "strengths": None if v.strengths is None else v.strengths.tolist()}
+                        for k, v in final.items()}
+        atomic_write(ev / "per_question.json", json.dumps(per_question))
         if self.record_activations:
             # One pass per question type (data_source): a predictor that pushes
             # one type up and another down would average out in a single mean.
