@@ -96,8 +96,16 @@ def test_trainer_reports_three_scores_and_writes_samples(tiny, task, tmp_path):
     for key in ("unsteered", "random", "best_constant", "learned"):
         assert {"concept", "fluency", "repetition"} <= set(v[key]), (key, v[key])
         assert set(v[key]["by_group"]) == {"up", "down"}
-    # the unsteered completion is its own reference: fluency 0 (up to batch-shape float noise)
+    # the unsteered validation completion is the fluency reference: its own fluency is 0 and
+    # every method's fluency is its NLL minus the unsteered completion's, question by question
     assert v["unsteered"]["fluency"] == pytest.approx(0.0, abs=1e-5)
+    per_q = json.loads((out / "eval" / "per_question.json").read_text())
+    for key in ("random", "best_constant", "learned"):
+        assert per_q[key]["fluency"] == pytest.approx(
+            [a - b for a, b in zip(per_q[key]["nll"], per_q["unsteered"]["nll"])], abs=1e-6)
+        assert per_q[key]["rewards"] == pytest.approx(
+            [c - 0.5 * max(0.0, f) - 0.25 * r for c, f, r in zip(
+                per_q[key]["concept"], per_q[key]["fluency"], per_q[key]["repetition"])], abs=1e-6)
     # unsteered: combined = concept - 0.25 * repetition (its fluency term is ~0)
     u = v["unsteered"]
     assert u["mean"] == pytest.approx(u["concept"] - 0.25 * u["repetition"], abs=1e-5)

@@ -415,9 +415,12 @@ class Trainer:
         return [self._ref_nll[p] for p in prompts]
 
     def _score(self, examples: Sequence[Example], prompts: Sequence[str], completions,
-               fluency: bool = True) -> tuple[list[float], dict[str, float], dict[str, list[float]]]:
+               fluency: bool = True, reference: bool = False,
+               ) -> tuple[list[float], dict[str, float], dict[str, list[float]]]:
         """(combined rewards, the reward function's extra means, per-rollout scores).
-        ``fluency=False`` skips the NLL forwards (training with a zero fluency weight)."""
+        ``fluency=False`` skips the NLL forwards (training with a zero fluency weight);
+        ``reference``: the completions are the unsteered validation-decoding ones that
+        :meth:`_reference_nll` would generate, so their NLL is cached as the reference."""
         extra = []
         for ex, p, c in zip(examples, prompts, completions):
             info = dict(ex.extra_info)
@@ -435,6 +438,9 @@ class Trainer:
         if fluency:
             with self._timed("fluency"):
                 nll = self.fluency.nll(list(prompts), [c.token_ids for c in completions])
+            if reference:
+                for p, v in zip(prompts, nll):
+                    self._ref_nll.setdefault(p, v)
             scores["nll"] = nll
             scores["fluency"] = [a - b for a, b in zip(nll, self._reference_nll(prompts))]
         combined = []
@@ -541,7 +547,9 @@ class Trainer:
         # The same sampler seed for every method: differences come from steering.
         completions = self.engine.generate(list(prompts), strengths,
                                            self._decoding(_mix(self.cfg.trainer.seed, 5), val=True))
-        rewards, _, scores = self._score(examples, prompts, completions)
+        # unsteered with the validation decoding: these completions are the fluency reference
+        rewards, _, scores = self._score(examples, prompts, completions,
+                                         reference=strengths is None)
         return MethodResult(name=name, rewards=rewards, strengths=strengths, detail=detail,
                             scores=scores, texts=[c.text for c in completions],
                             groups=[e.data_source for e in examples])
@@ -767,7 +775,7 @@ class Trainer:
         atomic_write(ev / "strengths.json", json.dumps(data))
         # every method's per-question scores: what scripts/seeds.py pools over seeds
         per_question = {k: {"name": v.name, "detail": v.detail, "rewards": v.rewards,
-                            "groups": v.groups, **{key: v.scores[key] for key in SCORES
+                            "groups": v.groups, **{key: v.scores[key] for key in (*SCORES, "nll")
                                                    if v.scores.get(key)},
                             "strengths": None if v.strengths is None else v.strengths.tolist()}
                         for k, v in final.items()}
