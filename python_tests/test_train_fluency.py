@@ -61,6 +61,13 @@ def test_nll_matches_an_unbatched_reference_on_ragged_batches(tiny):
         got = FluencyScorer(model, tok, batch_size=3, guard=guard).nll(prompts, comps)
     assert got == pytest.approx(ref, rel=1e-4, abs=1e-4)
     assert len(entered) == 2  # one forward per batch of 3, inside the guard
+    # the LM head on the last positions only (logits_to_keep) vs on every position
+    full = FluencyScorer(model, tok, batch_size=3)
+    full._keep = False
+    assert FluencyScorer(model, tok, batch_size=3)._keeps_logits()
+    assert full.nll(prompts, comps) == pytest.approx(got, rel=1e-5, abs=1e-5)
+    mixed = FluencyScorer(model, tok).nll(["Hi", "x y z"], [[], comps[3]])
+    assert mixed == pytest.approx([0.0, ref[3]], rel=1e-4, abs=1e-4)
     assert FluencyScorer(model, tok).nll(["Hi"], [[]]) == [0.0]
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         FluencyScorer(model, tok).nll(["a", "b"], [[1]])

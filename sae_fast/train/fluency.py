@@ -48,6 +48,17 @@ class FluencyScorer:
         self.batch_size = int(batch_size)
         self.guard = guard or contextlib.nullcontext
 
+    def _keeps_logits(self) -> bool:
+        """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs)."""
+        if not hasattr(self, "_keep"):
+            import inspect
+
+            try:
+                self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                self._keep = False
+        return self._keep
+
     @torch.no_grad()
     def nll(self, prompts: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> list[float]:
         """One value per (prompt, completion token ids); 0.0 for an empty completion."""
@@ -75,13 +86,19 @@ class FluencyScorer:
             ids[b, off:] = torch.tensor(s, dtype=torch.long)
             mask[b, off:] = 1
             target[b, off + len(p):] = True
+        kw = {}
+        if self._keeps_logits():
+            # left padding puts every completion at the end: the LM head (a [B, S, V]
+            # buffer) runs only on the last positions, the ones that predict a completion
+            kw["logits_to_keep"] = min(width, max(len(c) for c in completions) + 1)
         with self.guard():
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        tgt = target[:, 1:]  # position t predicts token t + 1
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                **kw).logits
+        off = width - logits.shape[1]  # logits column j is position off + j
+        tgt = target[:, off + 1:]  # position t predicts token t + 1
         # log-softmax over the vocabulary only where a completion token is predicted
-        # (a long chat-template prompt would otherwise dominate the [B, S, V] buffer)
         rows = torch.log_softmax(logits[:, :-1][tgt.to(device)].float(), dim=-1)
-        tok_lp = rows.gather(-1, ids[:, 1:][tgt].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        tok_lp = rows.gather(-1, ids[:, off + 1:][tgt].to(device).unsqueeze(-1)).squeeze(-1).cpu()
         sums = torch.zeros(len(seqs)).index_add_(0, tgt.nonzero()[:, 0], -tok_lp)
         counts = tgt.sum(1)
         return [float(s / c) if c > 0 else 0.0 for s, c in zip(sums, counts)]
