@@ -36,6 +36,8 @@ CONCEPTS = {
               "beach", "boat", "wet", "flood", "stream", "waterfall", "splash", "shore"],
     "music": ["music", "song", "songs", "sing", "singing", "guitar", "piano", "drum", "melody",
               "band", "concert", "dance", "rhythm", "violin", "tune", "choir"],
+    "digits": ["<digits>", "1", "2", "3", "5", "7", "10", "12", "20", "25", "50", "100", "365",
+               "2024", "1999", "42", "8", "9", "15", "30"],
     "number": ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                "hundred", "thousand", "dozen", "first", "second", "third", "number", "numbers"],
 }
@@ -50,7 +52,10 @@ PROMPTS = ["Describe a kitchen.", "Write two sentences about a train station.",
 
 
 def concept_share(text: str, words: set[str]) -> float:
-    toks = re.findall(r"[a-z]+", text.lower())
+    """Share of the text's words in ``words`` (with the "digits" concept: that are numerals)."""
+    toks = re.findall(r"[a-z]+|\d+", text.lower())
+    if "<digits>" in words:
+        return sum(t.isdigit() for t in toks) / max(1, len(toks))
     return sum(t in words for t in toks) / max(1, len(toks))
 
 

@@ -709,7 +709,9 @@ class Trainer:
         parts = [f"step {row['step']}"]
         for k, v in row.items():
             if k.endswith("/reward_mean"):
-                parts.append(f"{k.split('/')[1]}={v:.3f}")
+                # val/<method>/reward_mean; select/learned/reward_mean (trainer.keep_best)
+                name = k.split("/")[1] if k.startswith("val/") else "learned_on_selection_split"
+                parts.append(f"{name}={v:.3f}")
         return "validation: " + " ".join(parts)
 
     def finish(self) -> dict:
