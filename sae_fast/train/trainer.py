@@ -649,9 +649,9 @@ class Trainer:
             tag = "unsteered" if key == "unsteered" else key
             row[f"val/{tag}/reward_mean"] = res.mean
             row[f"val/{tag}/reward_ci95"] = res.ci95
-            for key in SCORES:
-                if res.scores.get(key):
-                    row[f"val/{tag}/{key}_mean"] = res.score_mean(key)
+            for score in SCORES:
+                if res.scores.get(score):
+                    row[f"val/{tag}/{score}_mean"] = res.score_mean(score)
             if res.strengths is not None and key == "learned":
                 row.update(self._strength_metrics(res.strengths, "val/learned/strength"))
         self.metrics.log(row)
