@@ -433,7 +433,7 @@ def test_keep_best_reports_the_step_that_scores_best_on_the_selection_split(tiny
     scores = {r["step"]: r["select/learned/reward_mean"] for r in vals}
     # each validation row carries the learned strengths' statistics (flipped at step 5)
     assert all("val/learned/strength/mean" in r for r in vals)
-    assert vals[2]["val/learned/strength/max"] != vals[-1]["val/learned/strength/max"]
+    assert vals[2]["val/learned/strength/max"] != vals[3]["val/learned/strength/max"]
     assert sorted(scores) == [0, 2, 4, 6, 8]
     best = max(scores, key=scores.get)
     assert best in (2, 4) and scores[best] > max(scores[6], scores[8]) + 0.3, scores
