@@ -59,7 +59,13 @@ def test_pooled_report_matches_an_independent_computation(tmp_path, capsys):
         assert agg["pooled"][m]["seed_spread"]["std"] == pytest.approx(statistics.stdev(seed_means))
         a = [i for i in range(40) if i < 20]
         assert agg["pooled"][m]["by_group"]["a"]["rewards"] == pytest.approx(per_q[a].mean())
+    diff = np.mean([np.array(per_seed[s]["learned"]["rewards"])
+                    - np.array(per_seed[s]["best_constant"]["rewards"]) for s in (0, 1, 2)], axis=0)
+    got = agg["paired_learned_minus"]["best_constant"]
+    assert got["mean"] == pytest.approx(diff.mean())
+    assert got["ci95"] == pytest.approx(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
     c = agg["checks"]
+    assert c["paired_beats_best_constant"] is True
     assert c["pooled_beats_best_constant_disjoint_ci"] is True
     assert all(c["per_seed_beats_best_constant_disjoint_ci"].values())
     assert c["fluency_cost"] == pytest.approx(
@@ -80,6 +86,7 @@ def test_checks_fail_when_the_learned_method_does_not_separate(tmp_path):
               "--aggregate-only", "--fluency-margin", "0.05"])
     c = json.loads((tmp_path / "seeds.json").read_text())["checks"]
     assert c["pooled_beats_best_constant_disjoint_ci"] is False
+    assert c["paired_beats_best_constant"] is False
     assert c["fluency_within_margin"] is False
 
 

@@ -117,7 +117,19 @@ def aggregate(seeds: dict[int, dict], fluency_margin: float, window: int) -> dic
                           "train_reward_last": sum(tr[-w:]) / w, "curve_window": w,
                           "val_curve": s["val_curve"],
                           "keep_best": s["summary"].get("keep_best")}
+    # paired: learned minus each baseline on the same question (the question's difficulty
+    # cancels, so this interval is the sharper test of "beats")
+    paired = {}
+    if "learned" in methods:
+        for m in methods:
+            if m == "learned":
+                continue
+            diff = [sum(s["per_question"]["learned"]["rewards"][i] - s["per_question"][m]["rewards"][i]
+                        for s in seeds.values()) / len(seeds) for i in range(n)]
+            paired[m] = interval(diff)
     checks = {}
+    if "best_constant" in paired:
+        checks["paired_beats_best_constant"] = paired["best_constant"]["lo"] > 0
     if "learned" in pooled and "best_constant" in pooled:
         lr, bc = pooled["learned"]["rewards"], pooled["best_constant"]["rewards"]
         checks["pooled_beats_best_constant_disjoint_ci"] = lr["lo"] > bc["hi"]
@@ -132,6 +144,7 @@ def aggregate(seeds: dict[int, dict], fluency_margin: float, window: int) -> dic
     checks["train_reward_rises"] = {seed: r["train_reward_last"] > r["train_reward_first"]
                                     for seed, r in per_seed.items()}
     return {"seeds": list(seeds), "n_val": n, "methods": methods, "pooled": pooled,
+            "paired_learned_minus": paired,
             "per_seed": per_seed, "checks": checks, "fluency_margin": fluency_margin}
 
 
@@ -165,6 +178,11 @@ def markdown(agg: dict, config: str) -> str:
         kb = (r.get("keep_best") or {}).get("step", "")
         out.append(f"| {seed} | " + " | ".join(cells) + f" | {r['train_reward_first']:.4f} -> "
                    f"{r['train_reward_last']:.4f} (mean of {r['curve_window']} steps) | {kb} |")
+    if agg["paired_learned_minus"]:
+        out += ["", "## Learned minus each baseline, paired by question (pooled over seeds)", "",
+                "| baseline | mean difference | 95% interval |", "|---|---|---|"]
+        for m, d in agg["paired_learned_minus"].items():
+            out.append(f"| {m} | {d['mean']:+.4f} | [{d['lo']:+.4f}, {d['hi']:+.4f}] |")
     groups = sorted(agg["pooled"][agg["methods"][0]]["by_group"])
     out += ["", "## Per question type (pooled reward; concept / fluency in brackets)", "",
             "| type | " + " | ".join(agg["methods"]) + " |", "|---|" + "---|" * len(agg["methods"])]
@@ -181,6 +199,9 @@ def markdown(agg: dict, config: str) -> str:
         out.append(f"- learned beats the best constant with disjoint 95% intervals, pooled: "
                    f"**{c['pooled_beats_best_constant_disjoint_ci']}**; per seed: "
                    f"{c['per_seed_beats_best_constant_disjoint_ci']}")
+    if "paired_beats_best_constant" in c:
+        out.append(f"- learned minus best constant, paired 95% interval above 0: "
+                   f"**{c['paired_beats_best_constant']}**")
     if "fluency_cost" in c:
         out.append(f"- learned fluency cost vs unsteered: {c['fluency_cost']:+.4f} nats/token "
                    f"(margin {agg['fluency_margin']}): **{c['fluency_within_margin']}**")
