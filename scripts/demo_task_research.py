@@ -1,6 +1,8 @@
 """Research code behind the shipped demo task (used by ``make_demo_task.py``,
 not by the package): the question templates, a logit lens over SAE decoder
-directions, the candidate-feature ranking and the residual-norm scale.
+directions, the candidate-feature ranking and the residual-norm scale, and
+the feature search helpers of ``find_{sentiment,concept}_feature.py`` (lexicon
+contrast, constant-strength sweeps scored for concept, fluency and repetition).
 
 The probe that builds the reward token sets is in the package
 (``sae_fast.train.probe.probe_feature``): the synthetic ``--tiny`` task uses it too.
@@ -117,3 +119,52 @@ def candidate_features(model: Any, tokenizer: Any, sae: Any, feature_acts: torch
 def residual_scale(acts: torch.Tensor) -> float:
     """Median residual-stream norm (positions >= 4) at the steered layer."""
     return float(acts.norm(dim=-1).median())
+
+
+def mean_feature_activations(model: nn.Module, tok: Any, sae: Any, layer: int,
+                             texts: Sequence[str], window: slice) -> torch.Tensor:
+    """Mean SAE feature activations [d_sae] at decoder layer ``layer`` over the
+    ``window`` of each text's real (unpadded) token positions."""
+    from sae_fast.backends.common import decoder_layers
+
+    grabbed: list[torch.Tensor] = []
+    h = decoder_layers(model)[layer].register_forward_hook(
+        lambda _m, _a, o: grabbed.append((o[0] if isinstance(o, tuple) else o).detach()))
+    try:
+        enc = tok(list(texts), return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model(**enc)
+    finally:
+        h.remove()
+    hid = grabbed[0].float()  # [B, S, d]
+    mask = enc["attention_mask"].bool()
+    rows = [hid[b][mask[b]][window] for b in range(hid.shape[0])]
+    return sae.encode(torch.cat(rows).to(sae.dtype)).float().mean(0)
+
+
+def sweep_feature(model: nn.Module, tok: Any, sae: Any, layer: int, feature: int,
+                  prompts: Sequence[str], strengths: Sequence[float], score: Any,
+                  max_new_tokens: int = 32) -> list[tuple[float, float, float, float, list]]:
+    """Greedy generations of the (chat-formatted) ``prompts`` at strength 0 and each of
+    ``strengths`` on ``feature`` (add mode): ``(strength, mean score(text), fluency
+    (NLL above the unsteered completion, nats/token), repeated-bigram share, outputs)``."""
+    from sae_fast.plan import SteeringSpec
+    from sae_fast.train.fluency import FluencyScorer, repeated_ngram_fraction
+    from sae_fast.train.rollout import Decoding, HFRolloutEngine
+
+    dec = Decoding(max_new_tokens=max_new_tokens, do_sample=False, seed=0)
+    hi = max(abs(s) for s in strengths)
+    spec = SteeringSpec(features=[feature], mode="add", min_strength=-hi, max_strength=hi)
+    out = []
+    with HFRolloutEngine(model, tok, sae, spec, layers=[layer], max_batch=len(prompts)) as eng:
+        scorer = FluencyScorer(model, tok, guard=eng.unsteered)
+        ref = eng.generate(list(prompts), None, dec)
+        ref_nll = scorer.nll(list(prompts), [c.token_ids for c in ref])
+        for s in [0.0, *strengths]:
+            outs = ref if s == 0 else eng.generate(
+                list(prompts), torch.full((len(prompts), 1), float(s)), dec)
+            nll = scorer.nll(list(prompts), [c.token_ids for c in outs])
+            out.append((float(s), sum(score(c.text) for c in outs) / len(outs),
+                        sum(a - b for a, b in zip(nll, ref_nll)) / len(nll),
+                        sum(repeated_ngram_fraction(c.token_ids) for c in outs) / len(outs), outs))
+    return out

@@ -18,8 +18,12 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_task_research as research  # noqa: E402
 
 CONCEPTS = {
     "colour": ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black",
@@ -60,13 +64,9 @@ def concept_share(text: str, words: set[str]) -> float:
 
 
 def main(argv=None) -> int:
-    from sae_fast.backends.common import decoder_layers
     from sae_fast.generate import format_prompts, load_hf
-    from sae_fast.plan import SteeringSpec
     from sae_fast.sae import load_sae
     from sae_fast.train.demo_task import load_demo_task
-    from sae_fast.train.fluency import FluencyScorer, repeated_ngram_fraction
-    from sae_fast.train.rollout import Decoding, HFRolloutEngine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concept", choices=sorted(CONCEPTS), default="colour")
@@ -84,24 +84,10 @@ def main(argv=None) -> int:
     words = CONCEPTS[args.concept]
     t0 = time.perf_counter()
     if not args.features:
-        acts = {}
-        grabbed = []
-        h = decoder_layers(model)[layer].register_forward_hook(
-            lambda _m, _a, o: grabbed.append((o[0] if isinstance(o, tuple) else o).detach()))
-        try:
-            for name, ws in (("concept", words), ("neutral", NEUTRAL_WORDS)):
-                texts = [f"I saw the {w} one over there, next to the door." for w in ws]
-                enc = tok(texts, return_tensors="pt", padding=True)
-                grabbed.clear()
-                with torch.no_grad():
-                    model(**enc)
-                hid = grabbed[0].float()
-                mask = enc["attention_mask"].bool()
-                rows = [hid[b][mask[b]][-10:-5] for b in range(hid.shape[0])]
-                f = sae.encode(torch.cat(rows).to(sae.dtype)).float()
-                acts[name] = f.mean(0)
-        finally:
-            h.remove()
+        # the word and the four tokens after it (the sentence ends in 5 more)
+        acts = {name: research.mean_feature_activations(
+            model, tok, sae, layer, [f"I saw the {w} one over there, next to the door." for w in ws],
+            slice(-10, -5)) for name, ws in (("concept", words), ("neutral", NEUTRAL_WORDS))}
         diff = acts["concept"] - acts["neutral"]
         order = torch.argsort(diff, descending=True)[:args.top].tolist()
         print(f"candidates for {args.concept} (mean act on concept - neutral sentences):")
@@ -113,27 +99,15 @@ def main(argv=None) -> int:
         cands = list(args.features)
     lex = set(words)
     prompts = format_prompts(tok, PROMPTS, chat=True)
-    dec = Decoding(max_new_tokens=args.max_new_tokens, do_sample=False, seed=0)
-    hi = max(abs(s) for s in args.strengths)
     for f in cands:
-        spec = SteeringSpec(features=[f], mode="add", min_strength=-hi, max_strength=hi)
-        with HFRolloutEngine(model, tok, sae, spec, layers=[layer], max_batch=len(prompts)) as eng:
-            scorer = FluencyScorer(model, tok, guard=eng.unsteered)
-            ref = eng.generate(prompts, None, dec)
-            ref_nll = scorer.nll(prompts, [c.token_ids for c in ref])
-            line = [f"feature {f}:"]
-            best = None
-            for s in [0.0] + list(args.strengths):
-                outs = ref if s == 0 else eng.generate(prompts, torch.full((len(prompts), 1), s), dec)
-                share = sum(concept_share(c.text, lex) for c in outs) / len(outs)
-                nll = scorer.nll(prompts, [c.token_ids for c in outs])
-                fl = sum(a - b for a, b in zip(nll, ref_nll)) / len(nll)
-                rep = sum(repeated_ngram_fraction(c.token_ids) for c in outs) / len(outs)
-                line.append(f"s={s:+.0f}: share {share:.3f} fl {fl:+.2f} rep {rep:.2f}")
-                if s > 0:
-                    best = outs
-            print("  ".join(line), f"({time.perf_counter() - t0:.0f} s)")
-            print("     +:", best[0].text[:160].replace("\n", " "))
+        rows = research.sweep_feature(model, tok, sae, layer, f, prompts, args.strengths,
+                                      lambda text: concept_share(text, lex), args.max_new_tokens)
+        line = [f"feature {f}:"] + [f"s={s:+.0f}: share {c:.3f} fl {fl:+.2f} rep {rep:.2f}"
+                                    for s, c, fl, rep, _ in rows]
+        print("  ".join(line), f"({time.perf_counter() - t0:.0f} s)")
+        positive = [r for r in rows if r[0] > 0]
+        if positive:
+            print("     +:", positive[-1][4][0].text[:160].replace("\n", " "))
         sys.stdout.flush()
     return 0
 

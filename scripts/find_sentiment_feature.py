@@ -17,8 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_task_research as research  # noqa: E402
 
 NEUTRAL = ["Describe a kitchen.", "Write two sentences about a train station.",
            "Tell me about a Tuesday morning.", "Describe the weather today.",
@@ -40,13 +44,9 @@ def lexicon_words(n: int) -> tuple[list[str], list[str]]:
 def main(argv=None) -> int:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from sae_fast.backends.common import decoder_layers
     from sae_fast.generate import format_prompts, load_hf
-    from sae_fast.plan import SteeringSpec
     from sae_fast.sae import load_sae
     from sae_fast.train.demo_task import load_demo_task
-    from sae_fast.train.fluency import FluencyScorer, repeated_ngram_fraction
-    from sae_fast.train.rollout import Decoding, HFRolloutEngine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--top", type=int, default=8)
@@ -64,25 +64,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not args.features:
         pos, neg = lexicon_words(args.words)
-        acts = {}
-        grabbed = []
-        h = decoder_layers(model)[layer].register_forward_hook(
-            lambda _m, _a, o: grabbed.append((o[0] if isinstance(o, tuple) else o).detach()))
-        try:
-            for name, words in (("pos", pos), ("neg", neg)):
-                texts = [f"It was a {w} day, and everyone felt it." for w in words]
-                enc = tok(texts, return_tensors="pt", padding=True)
-                grabbed.clear()
-                with torch.no_grad():
-                    model(**enc)
-                hid = grabbed[0].float()  # [B, S, d], left padded
-                mask = enc["attention_mask"].bool()
-                # the last 6 real tokens: the word and what follows it
-                rows = [hid[b][mask[b]][-6:] for b in range(hid.shape[0])]
-                f = sae.encode(torch.cat(rows).to(sae.dtype)).float()
-                acts[name] = f.mean(0)
-        finally:
-            h.remove()
+        # the last 6 real tokens: the word and what follows it
+        acts = {name: research.mean_feature_activations(
+            model, tok, sae, layer, [f"It was a {w} day, and everyone felt it." for w in words],
+            slice(-6, None)) for name, words in (("pos", pos), ("neg", neg))}
         diff = acts["pos"] - acts["neg"]
         order = torch.argsort(diff.abs(), descending=True)[:args.top].tolist()
         print("candidates (mean act on positive - negative):")
@@ -94,25 +79,18 @@ def main(argv=None) -> int:
         cands = [(f, 1.0) for f in args.features]
     vader = SentimentIntensityAnalyzer()
     prompts = format_prompts(tok, NEUTRAL, chat=True)
-    dec = Decoding(max_new_tokens=args.max_new_tokens, do_sample=False, seed=0)
-    hi = max(abs(s) for s in args.strengths)
+
+    def compound(text: str) -> float:
+        return vader.polarity_scores(text)["compound"]
+
     for f, sign in cands:
-        spec = SteeringSpec(features=[f], mode="add", min_strength=-hi, max_strength=hi)
-        with HFRolloutEngine(model, tok, sae, spec, layers=[layer], max_batch=len(prompts)) as eng:
-            scorer = FluencyScorer(model, tok, guard=eng.unsteered)
-            ref = eng.generate(prompts, None, dec)
-            ref_nll = scorer.nll(prompts, [c.token_ids for c in ref])
-            line = [f"feature {f} (sign {sign:+.0f}):"]
-            for s in [0.0] + list(args.strengths):
-                outs = ref if s == 0 else eng.generate(
-                    prompts, torch.full((len(prompts), 1), sign * s), dec)
-                comp = sum(vader.polarity_scores(c.text)["compound"] for c in outs) / len(outs)
-                nll = scorer.nll(prompts, [c.token_ids for c in outs])
-                fl = sum(a - b for a, b in zip(nll, ref_nll)) / len(nll)
-                rep = sum(repeated_ngram_fraction(c.token_ids) for c in outs) / len(outs)
-                line.append(f"s={sign * s:+.0f}: vader {comp:+.3f} fl {fl:.2f} rep {rep:.2f}")
-            print("  ".join(line), f"({time.perf_counter() - t0:.0f} s)")
-            print("     +:", outs[0].text[:160].replace("\n", " "))
+        rows = research.sweep_feature(model, tok, sae, layer, f, prompts,
+                                      [sign * s for s in args.strengths], compound,
+                                      args.max_new_tokens)
+        line = [f"feature {f} (sign {sign:+.0f}):"] + [
+            f"s={s:+.0f}: vader {c:+.3f} fl {fl:.2f} rep {rep:.2f}" for s, c, fl, rep, _ in rows]
+        print("  ".join(line), f"({time.perf_counter() - t0:.0f} s)")
+        print("     +:", rows[-1][4][0].text[:160].replace("\n", " "))
         sys.stdout.flush()
     return 0
 
