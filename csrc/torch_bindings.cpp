@@ -3,6 +3,7 @@
 // sae_fast/ops/__init__.py (`_noop_fake`). All ops mutate `hidden` in place and return nothing,
 // so they are safe inside CUDA graphs and torch.compile'd regions.
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <string>
@@ -26,8 +27,19 @@ TORCH_LIBRARY(sae_fast, m) {
       "Tensor max_act, Tensor strengths, Tensor modes, Tensor row_index, float scale, "
       "float min_strength, float max_strength) -> ()");
   m.def("add_vectors_(Tensor(a!) hidden, Tensor vectors, Tensor weights, Tensor row_index) -> ()");
+  // counter += 1 as one opaque call (the steering slots' "the op ran" counters). Inlined
+  // into an Inductor CPU kernel, a scalar read-modify-write can run once per OpenMP thread
+  // (a graph compiled while torch saw one thread, run with more: dynamic threads); an
+  // extern op call runs once per graph execution.
+  m.def("count_(Tensor(a!) counter) -> ()");
   // Which device backends this build carries (for dispatch and diagnostics).
   m.def("build_info() -> str", &build_info);
+}
+
+// Any device: the increment is the tensor's own add_ (a kernel launch on CUDA, so a
+// captured CUDA graph replays it).
+TORCH_LIBRARY_IMPL(sae_fast, CompositeExplicitAutograd, m) {
+  m.impl("count_", [](at::Tensor& counter) { counter.add_(1); });
 }
 
 // `import sae_fast._C` loads this library, which runs the registrations above.

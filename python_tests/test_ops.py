@@ -347,3 +347,84 @@ def test_gemm_path_bad_values_are_named():
     case["modes"][2, 5] = -3
     with pytest.raises(RuntimeError, match=r"modes\[2, 5\] = -3 is not a mode code"):
         torch.ops.sae_fast.steer_(**case)
+
+
+# ---------------------------------------------------------------- count_
+def _with_threads(n):
+    """torch's thread count for a block, through the C setter: an in-process
+    vLLM engine replaces ``torch.set_num_threads`` with a no-op."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        before = torch.get_num_threads()
+        torch._C.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch._C.set_num_threads(before)
+    return block()
+
+
+@pytest.mark.parametrize("path", ["ext", "reference"])
+def test_count_counts_once_per_call_eager_compiled_and_opchecked(monkeypatch, path):
+    if path == "ext" and not ops._EXT_COUNT:
+        pytest.skip("no extension")
+    monkeypatch.setattr(ops, "_EXT_COUNT", path == "ext")
+    c = torch.zeros(1, dtype=torch.int64)
+    for _ in range(3):
+        ops.count_(c)
+    assert int(c) == 3
+    op = torch.ops.sae_fast.count_ if path == "ext" else torch.ops.sae_fast_ref.count_
+    torch.library.opcheck(op.default, (torch.zeros(1, dtype=torch.int64),))
+
+    def f(x):
+        ops.count_(c)
+        return x * 2
+
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for _ in range(4):
+        g(torch.ones(3))
+    assert int(c) == 7
+
+
+def test_count_runs_once_per_graph_execution_where_an_inlined_add_runs_per_thread():
+    """The vLLM slots' "the op ran" counter (worker.LayerSlot). Inductor with
+    dynamic threads (vLLM's compile setting) and a graph compiled while torch
+    saw one thread, run with two: a plain ``calls.add_(1)`` fused into the
+    parallel CPU kernel ran once per OpenMP thread (CI counted 14 calls for 7
+    steps); ``ops.count_`` is an op call and runs once. The slot under test is
+    the real one, steering a real table in the same compiled graph."""
+    import torch._inductor.config as inductor_config
+
+    from sae_fast.backends.vllm_engine.worker import LayerSlot
+    from sae_fast.plan import SteeringSpec, build_plan
+    from sae_fast.sae import random_sae
+
+    torch.manual_seed(0)
+    row_index = torch.ones(64, dtype=torch.int32)
+    slot = LayerSlot(0, 128, 4, 2, row_index, torch.device("cpu"), torch.float32)
+    cols = torch.tensor(slot.take_columns(3))
+    sae = random_sae(128, 256, seed=5)
+    slot.write_columns(cols, build_plan(sae, SteeringSpec(features=[1, 7, 9], mode="add")))
+    slot.tables.strengths[1, cols] = torch.tensor([2.0, -1.0, 3.0])
+    slot.tables.modes[1, cols] = ops.MODE_ADD
+    w = torch.randn(128)
+
+    def layer(x, r):
+        h = x * 2 + r  # the layer's own compute
+        slot.apply_(h, r)
+        return torch.nn.functional.rms_norm(h + r, (128,), w)  # the next layer's
+
+    x, r = torch.randn(9, 128), torch.randn(9, 128)
+    eager = layer(x.clone(), r)
+    assert int(slot.calls) == 1
+    with _with_threads(2), inductor_config.patch({"cpp.threads": 1, "cpp.dynamic_threads": True}):
+        torch._dynamo.reset()
+        g = torch.compile(layer, fullgraph=True, dynamic=True)
+        for n in range(5):
+            out = g(x.clone(), r)
+        torch._dynamo.reset()
+    assert int(slot.calls) == 6
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert (eager - torch.nn.functional.rms_norm(x * 2 + 2 * r, (128,), w)).abs().max() > 1e-2

@@ -58,8 +58,11 @@ def _noop_fake(*args, **kwargs) -> None:
     return None
 
 
+# an extension built before count_ existed still serves the steering ops
+_EXT_COUNT = bool(_EXT_DEVICES) and hasattr(torch.ops.sae_fast, "count_")
+
 if _EXT_DEVICES:
-    for _name in ("steer_", "clamp_direction_", "add_vectors_"):
+    for _name in ("steer_", "clamp_direction_", "add_vectors_") + (("count_",) if _EXT_COUNT else ()):
         torch.library.register_fake(f"sae_fast::{_name}")(_noop_fake)
 
 
@@ -92,7 +95,12 @@ def _ref_add_vectors(hidden: torch.Tensor, vectors: torch.Tensor, weights: torch
     reference.add_vectors_(hidden, vectors, weights, row_index)
 
 
-for _op in (_ref_steer, _ref_clamp_direction, _ref_add_vectors):
+@torch.library.custom_op("sae_fast_ref::count_", mutates_args=("counter",))
+def _ref_count(counter: torch.Tensor) -> None:
+    counter.add_(1)
+
+
+for _op in (_ref_steer, _ref_clamp_direction, _ref_add_vectors, _ref_count):
     _op.register_fake(_noop_fake)
 
 
@@ -232,6 +240,16 @@ def _op(name: str, device_type: str):
 
 
 # ---------------------------------------------------------------- public ops
+def count_(counter: torch.Tensor) -> None:
+    """``counter += 1`` in place as one opaque op call (the C++ one when the
+    extension is loaded, else the reference custom op), so a compiled graph
+    runs it exactly once per execution: Inductor lowers a plain ``add_`` on a
+    one-element tensor into its CPU kernels, where, in a graph compiled while
+    torch saw one thread and run with more (vLLM compiles with dynamic
+    threads), every OpenMP thread performs the increment."""
+    (torch.ops.sae_fast.count_ if _EXT_COUNT else torch.ops.sae_fast_ref.count_)(counter)
+
+
 def steer_(
     hidden: torch.Tensor,
     residual: Optional[torch.Tensor],

@@ -19,6 +19,7 @@ from torch import nn
 
 from sae_fast.backends.common import UnsupportedModelError, decoder_layers, resolve_layer
 from sae_fast.backends.tables import SteeringTables
+from sae_fast.ops import count_
 from sae_fast.checks import atomic_write
 from sae_fast.backends.vllm_engine import _compat
 from sae_fast.backends.vllm_engine._compat import VLLMSteeringError
@@ -62,7 +63,7 @@ class LayerSlot:
     def apply_(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
         """Runs inside the (compiled) decoder-layer forward."""
         self.tables.apply_(hidden, residual, self.row_index[: hidden.shape[0]])
-        self.calls.add_(1)
+        count_(self.calls)  # an op call, not an add_ Inductor could inline (ops.count_)
 
     # ---- columns (host side, between steps)
     def take_columns(self, k: int) -> list[int]:
