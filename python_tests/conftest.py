@@ -17,11 +17,13 @@ if not torch.cuda.is_available():
 def one_thread_module():
     """One torch intra-op thread for a test module: tiny models run fastest on
     one thread, and on a loaded 2-core machine two threads spin against each
-    other (one tiny-Llama generate: 0.3 s on 1 thread, 4-18 s on 2)."""
+    other (one tiny-Llama generate: 0.3 s on 1 thread, 4-18 s on 2). Through
+    ``torch._C.set_num_threads``: once an in-process vLLM engine has started,
+    ``torch.set_num_threads`` is vLLM's no-op that only logs a warning."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch._C.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
+    torch._C.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

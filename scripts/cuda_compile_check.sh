@@ -152,8 +152,11 @@ for op in ("steer_", "clamp_direction_", "add_vectors_"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sae_fast::{op}", key), \
             f"sae_fast::{op} has no {key} kernel"
+assert torch._C._dispatch_has_kernel_for_dispatch_key("sae_fast::count_",
+                                                      "CompositeExplicitAutograd"), \
+    "sae_fast::count_ has no CompositeExplicitAutograd kernel"
 print(f"[cuda_compile_check] registrations ok: build_info={info!r}, CPU and CUDA kernels for "
-      f"3 ops (torch {torch.__version__}, CUDA {torch.version.cuda})")
+      f"3 ops, count_ for every device (torch {torch.__version__}, CUDA {torch.version.cuda})")
 '
 if ! out="$("$PY" -c "$REG_CHECK" "$SO" 2>&1)"; then
   echo "$out" >&2
