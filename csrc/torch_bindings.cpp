@@ -1,7 +1,8 @@
 // Schemas of every sae_fast op. Implementations register per device in
 // csrc/cpu/ and csrc/cuda/; the fake (meta) implementations live in
-// sae_fast/ops/__init__.py (`_noop_fake`). All ops mutate `hidden` in place and return nothing,
-// so they are safe inside CUDA graphs and torch.compile'd regions.
+// sae_fast/ops/__init__.py (`_noop_fake`). All ops mutate their first tensor (`hidden`, or
+// count_'s counter) in place and return nothing, so they are safe inside CUDA graphs and
+// torch.compile'd regions.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
