@@ -1,5 +1,6 @@
 """The compiled C++ CPU ops and the dispatch layer against the reference oracle."""
 
+import contextlib
 import itertools
 import os
 import zlib
@@ -350,20 +351,16 @@ def test_gemm_path_bad_values_are_named():
 
 
 # ---------------------------------------------------------------- count_
+@contextlib.contextmanager
 def _with_threads(n):
     """torch's thread count for a block, through the C setter: an in-process
     vLLM engine replaces ``torch.set_num_threads`` with a no-op."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def block():
-        before = torch.get_num_threads()
-        torch._C.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch._C.set_num_threads(before)
-    return block()
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(before)
 
 
 @pytest.mark.parametrize("path", ["ext", "reference"])
