@@ -244,6 +244,15 @@ def test_other_algorithms_run(tiny, task, tmp_path, name):
     assert len(rows) == 2 and all(math.isfinite(r["actor/loss"]) for r in rows)
 
 
+def test_annealed_exploration_std_follows_its_schedule_through_the_trainer(tiny, task, tmp_path):
+    cfg = make_cfg(task, tmp_path / "anneal", **{
+        "trainer.total_steps": 3, "trainer.final_eval": False, "trainer.plots": False,
+        "algorithm.init_log_std": -0.5, "algorithm.final_log_std": -2.0})
+    run(cfg, tiny)
+    rows = [r for r in metrics_rows(tmp_path / "anneal") if r["kind"] == "train"]
+    assert [r["actor/log_std_mean"] for r in rows] == pytest.approx([-0.5, -1.25, -2.0])
+
+
 def test_user_errors(tiny, task, tmp_path):
     # SAE whose d_in does not match the LLM
     small = save_sae(random_sae(64, 128, seed=1), tmp_path / "small_sae")

@@ -10,8 +10,9 @@ strength vector, the reward scores the steered generation. Algorithms:
     reinforce  vanilla policy gradient, one epoch, baseline = batch mean,
                an exponential moving average, or none
 
-Optional for all: an entropy bonus and a KL penalty to the policy that
-sampled the batch. Log-probabilities, entropies and KLs are those of
+Optional for all: an entropy bonus, a KL penalty to the policy that sampled
+the batch, and an exploration std that is annealed (``final_log_std``) or
+learned at its own rate (``log_std_lr``). Log-probabilities, entropies and KLs are those of
 ``torch.distributions`` (a diagonal Gaussian, ``StrengthPredictor.policy``).
 """
 
@@ -73,6 +74,16 @@ class PolicyUpdater:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema_baseline = state.get("ema_baseline")
+
+    def begin_step(self, step: int, total_steps: int) -> Optional[float]:
+        """Set the exploration log-std for training step ``step`` (1-based) of
+        ``total_steps`` when ``final_log_std`` anneals it; call before sampling.
+        Returns the scheduled value (None when log_std is learned)."""
+        value = scheduled_log_std(self.cfg, step, total_steps)
+        if value is not None:
+            with torch.no_grad():
+                self.predictor.log_std.fill_(value)
+        return value
 
     def advantages(self, rewards: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.cfg
@@ -166,7 +177,30 @@ class PolicyUpdater:
         return metrics
 
 
+def scheduled_log_std(cfg: Any, step: int, total_steps: int) -> Optional[float]:
+    """The annealed log-std of training step ``step`` (1-based): linear from
+    ``init_log_std`` at step 1 to ``final_log_std`` at ``total_steps``; None
+    when ``final_log_std`` is not set (log_std is learned)."""
+    final = getattr(cfg, "final_log_std", None)
+    if final is None:
+        return None
+    if total_steps <= 1:
+        return float(final)
+    t = min(max(step - 1, 0), total_steps - 1) / (total_steps - 1)
+    return float(cfg.init_log_std + t * (final - cfg.init_log_std))
+
+
 def make_optimizer(predictor: StrengthPredictor, cfg: Any) -> torch.optim.Optimizer:
-    """AdamW over the predictor's own parameters only (nothing of the LLM/SAE)."""
-    return torch.optim.AdamW([p for p in predictor.parameters() if p.requires_grad], lr=cfg.lr,
-                             weight_decay=cfg.weight_decay)
+    """AdamW over the predictor's own parameters only (nothing of the LLM/SAE).
+
+    With ``final_log_std`` set, log_std is a schedule (``PolicyUpdater.begin_step``)
+    and is frozen here; with ``log_std_lr`` set it is a parameter group of its own."""
+    if getattr(cfg, "final_log_std", None) is not None:
+        predictor.log_std.requires_grad_(False)
+    params = [p for p in predictor.parameters() if p.requires_grad]
+    log_std_lr = getattr(cfg, "log_std_lr", None)
+    if log_std_lr is None or not predictor.log_std.requires_grad:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rest = [p for p in params if p is not predictor.log_std]
+    return torch.optim.AdamW([{"params": rest}, {"params": [predictor.log_std], "lr": log_std_lr}],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -479,6 +479,7 @@ class Trainer:
         if self.steer:
             with self._timed("predict"):
                 self.predictor.train()
+                self.updater.begin_step(step, self.total_steps)
                 batch = self.predictor.sample(emb, n, generator=gen)
                 strengths = batch["strengths"]
         rep_examples = [e for e in examples for _ in range(n)]
