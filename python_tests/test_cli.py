@@ -98,6 +98,8 @@ def test_sae_fast_train_overrides_and_errors(task, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--config", str(config_file(task, tmp_path))]) == 2
     assert "model.path" in capsys.readouterr().err
+    assert main(["train", *flags, "--threads", "-1"]) == 2
+    assert "--threads=-1: expected 0" in capsys.readouterr().err
 
 
 def test_inspect_sae_and_predictor(task, tmp_path, capsys):

@@ -59,6 +59,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="continue from the latest checkpoint in the output dir")
     p.add_argument("--total-steps", type=int, help="-> trainer.total_steps")
     p.add_argument("--seed", type=int, help="-> trainer.seed")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads of this process (default 0 = torch's default; "
+                        "results at different thread counts differ in float reduction order)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set algorithm.lr=1e-3 (repeatable)")
     p.add_argument("--engine", choices=["standalone", "verl"], default="standalone",
@@ -92,6 +95,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sae_fast.train.trainer import train
 
     cfg = config_from_args(args)  # a bad key fails here, before anything starts
+    if args.threads < 0:
+        from sae_fast.config import ConfigError
+
+        raise ConfigError(f"--threads={args.threads}: expected 0 (torch's default) or a "
+                          "positive thread count")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if getattr(args, "engine", "standalone") == "verl":
         from sae_fast_verl.launch import train as verl_train
 

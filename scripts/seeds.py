@@ -43,12 +43,12 @@ from sae_fast.train.trainer import SCORES, mean_ci95  # noqa: E402
 ORDER = ["unsteered", "random", "best_constant", "configured", "learned"]
 
 
-def run_seed(config: str, seed: int, out: Path, sets: list[str]) -> None:
+def run_seed(config: str, seed: int, out: Path, sets: list[str], threads: int = 0) -> None:
     if (out / "summary.json").is_file():
         print(f"seed {seed}: {out}/summary.json exists, not rerun", flush=True)
         return
     cmd = [sys.executable, "-m", "sae_fast.cli", "train", "--config", config, "--seed", str(seed),
-           "--output-dir", str(out)]
+           "--output-dir", str(out), "--threads", str(threads)]
     for s in sets:
         cmd += ["--set", s]
     if (out / "checkpoints").is_dir():
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--output-dir", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per seed's run (default 0 = torch's default)")
     p.add_argument("--aggregate-only", action="store_true", help="do not train missing seeds")
     p.add_argument("--fluency-margin", type=float, default=0.25,
                    help="allowed learned-minus-unsteered fluency (nats/token)")
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         d = out / f"seed{seed}"
         if not args.aggregate_only:
-            run_seed(args.config, seed, d, args.set)
+            run_seed(args.config, seed, d, args.set, args.threads)
         if not (d / "summary.json").is_file():
             print(f"seed {seed}: no {d}/summary.json, left out", file=sys.stderr)
             continue
