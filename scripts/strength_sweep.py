@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="strength_sweep.json")
+    p.add_argument("--per-question", metavar="PATH",
+                   help="also write every question's scores and text per strength (JSON): "
+                        "what an oracle per question or per type would get under other weights")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     values = {} if args.config else load_demo_task().overrides()
@@ -54,11 +57,14 @@ def main(argv=None) -> int:
         grid = args.grid or [lo + (hi - lo) * i / 8 for i in range(9)]
         k = len(cfg.sae.features)
         table: dict[str, dict[str, dict]] = {}
+        per_q: dict[str, dict] = {}
         for s in grid:
             strengths = None if s == 0 else torch.full((len(examples), k), float(s))
             res = tr.run_method(f"s={s:g}", strengths, examples=examples, prompts=prompts)
             for g, row in group_means(res).items():
                 table.setdefault(g, {})[f"{s:g}"] = row
+            per_q[f"{s:g}"] = {"prompts": [e.prompt for e in examples], "groups": res.groups,
+                               "rewards": res.rewards, "scores": res.scores, "texts": res.texts}
             print(f"s={s:9.3f} done ({time.perf_counter() - t0:.0f} s); e.g. "
                   f"{res.texts[0][:100]!r}", file=sys.stderr)
     for g, by_s in table.items():
@@ -68,6 +74,8 @@ def main(argv=None) -> int:
             print(f"{float(s):>9.2f} {r['reward']:>8.3f} {r['concept']:>8.3f} "
                   f"{r['fluency']:>8.3f} {r['repetition']:>7.3f} {int(r['n']):>4}")
     Path(args.out).write_text(json.dumps(table, indent=1))
+    if args.per_question:
+        Path(args.per_question).write_text(json.dumps(per_q))
     return 0
 
 
