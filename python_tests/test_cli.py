@@ -2,17 +2,14 @@
 overrides, errors as one line with exit code 2, inspect / generate / plot /
 demo."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from sae_fast.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,10 +51,7 @@ def user_flags(task, tmp_path, out="out"):
 
 
 def load_example_script():
-    spec = importlib.util.spec_from_file_location("run_sae_ppo", ROOT / "examples" / "run_sae_ppo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples/run_sae_ppo.py")
 
 
 def test_run_sae_ppo_with_the_users_flags(task, tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sae_fast.train.demo_task import demo_data_dir, demo_sae_dir
+from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET = demo_sae_dir()
@@ -27,10 +28,7 @@ def _card() -> dict:
 
 
 def _card_module():
-    spec = importlib.util.spec_from_file_location("sae_card", REPO / "scripts" / "sae_card.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/sae_card.py")
 
 
 def test_shipped_sae_loads_with_d_in_576():

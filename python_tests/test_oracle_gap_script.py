@@ -1,21 +1,15 @@
 """scripts/oracle_gap.py: the per-type oracle and best constant from a sweep's per-question
 dump, checked against values worked out by hand."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("oracle_gap", ROOT / "scripts" / "oracle_gap.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/oracle_gap.py")
 
 
 def _dump():

@@ -2,22 +2,17 @@
 its checks (disjoint intervals, fluency margin, rising training reward) say what
 the numbers say; checked against numpy/statistics on hand-made run folders."""
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("seeds", ROOT / "scripts" / "seeds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/seeds.py")
 
 
 def _write_seed(d: Path, rng, shift: float, rising: bool, n=40):

@@ -3,23 +3,19 @@ real files and a real reward, its questions are what
 scripts/make_sentiment_task.py builds, every tone x topic-tier cell is there,
 and train and validation share no topic."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 from sae_fast.config import load_config
 from sae_fast.train.rewards import reward_from_config
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "examples" / "sentiment"
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("make_sentiment_task",
-                                                  ROOT / "scripts" / "make_sentiment_task.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/make_sentiment_task.py")
 
 
 def _read(name):
