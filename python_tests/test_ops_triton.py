@@ -59,9 +59,13 @@ def _seed(*parts) -> int:
 
 
 def _with_noop_row(case: dict) -> dict:
-    """Make sure some token rows map to the all-off row 0 (padding / unsteered)."""
-    if case["row_index"].numel() > 1:
-        case["row_index"][-1] = 0
+    """Make sure some token rows map to the all-off row 0 (padding / unsteered), and at
+    least one maps to a steered row (else "steering changed something" cannot hold)."""
+    rows = case["row_index"]
+    if rows.numel() > 1:
+        rows[-1] = 0
+        if not bool((rows[:-1] != 0).any()):
+            rows[0] = 1
     return case
 
 
