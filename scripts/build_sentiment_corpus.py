@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ TONES = ["cheerful", "joyful", "grateful", "hopeful", "excited", "loving", "prou
          "neutral", "matter-of-fact", "factual",
          "sad", "gloomy", "bitter", "angry", "anxious", "lonely", "hopeless", "disgusted",
          "furious"]
+POSITIVE = {"cheerful", "joyful", "grateful", "hopeful", "excited", "loving", "proud", "peaceful"}
+NEGATIVE = {"sad", "gloomy", "bitter", "angry", "anxious", "lonely", "hopeless", "disgusted",
+            "furious"}
 TEMPLATES = ["Write a {tone} paragraph about {topic}.",
              "Describe {topic} in a {tone} tone.",
              "Tell a short {tone} story about {topic}.",
@@ -62,6 +66,18 @@ TOPICS = [
     "a fishing trip", "a concert hall", "an empty playground", "a bookshop", "a new house",
     "a scholarship", "a friendship", "an argument", "a violin", "a sandcastle", "a hailstorm",
 ]
+
+
+def tone_of(prompt: str) -> str:
+    """The tone a corpus prompt asks for, read from its template (a topic may hold a tone
+    word too: "a lonely beach")."""
+    for t in TEMPLATES:
+        pat = re.escape(t).replace(re.escape("{tone}"), r"(?P<tone>[\w-]+)").replace(
+            re.escape("{topic}"), r"(?P<topic>.+)")
+        m = re.fullmatch(pat, prompt)
+        if m and m["tone"] in TONES:
+            return m["tone"]
+    raise ValueError(f"prompt {prompt!r} fits none of the corpus templates {TEMPLATES}")
 
 
 def prompts(seed: int) -> list[str]:

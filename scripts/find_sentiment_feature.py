@@ -1,20 +1,25 @@
-"""Research: is there a sentiment feature in the shipped SmolLM2 SAE?
+"""Research: is there a sentiment feature in a SmolLM2 SAE (default: the shipped one)?
 
 1. Contrast sentences built from VADER's own lexicon (vaderSentiment ships
    it): "It was a <word> day." for the most positive and most negative
    single words. The SAE's features at the steered layer are ranked by their
    mean activation on the positive sentences minus the negative ones (at the
-   word and the tokens after it).
+   word and the tokens after it). With ``--corpus`` (a folder written by
+   ``scripts/build_sentiment_corpus.py``) the contrast is the corpus's own
+   answers instead: those written in a positive tone against those in a
+   negative one, over every answer token.
 2. The top candidates are probed by steering: neutral prompts generated
    greedily at strengths 0 and +-S, scored by VADER's compound score
    (a scorer no one here wrote) and by fluency under the unsteered model.
 
-    python scripts/find_sentiment_feature.py [--top 8] [--strength 20]
+    python scripts/find_sentiment_feature.py [--top 8] [--strengths -40 -20 20 40]
+    python scripts/find_sentiment_feature.py --sae DIR --corpus DIR   # another SAE
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,6 +46,27 @@ def lexicon_words(n: int) -> tuple[list[str], list[str]]:
     return [w for w, _ in words[-n:]], [w for w, _ in words[:n]]
 
 
+def corpus_texts(corpus: str, n: int) -> tuple[list[str], list[str]]:
+    """Up to ``n`` answers per side from a sentiment corpus's ``texts.jsonl``, split by the
+    tone their prompt asked for (``build_sentiment_corpus.POSITIVE`` / ``NEGATIVE``)."""
+    import build_sentiment_corpus as bsc
+
+    pos, neg = [], []
+    for line in open(Path(corpus) / "texts.jsonl"):
+        row = json.loads(line)
+        tone = bsc.tone_of(row["prompt"])
+        side = pos if tone in bsc.POSITIVE else neg if tone in bsc.NEGATIVE else None
+        if side is not None and len(side) < n:
+            side.append(row["text"].split("\n", 1)[-1])  # the answer, without the request
+    return pos, neg
+
+
+def _mean_acts(model, tok, sae, layer, texts, window, chunk=32):
+    parts = [research.mean_feature_activations(model, tok, sae, layer, texts[i:i + chunk], window)
+             * len(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
+    return sum(parts) / len(texts)
+
+
 def main(argv=None) -> int:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -55,19 +81,30 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--features", type=int, nargs="*", help="probe these instead of ranking")
+    p.add_argument("--sae", default=None, help="SAE folder (default: the shipped demo SAE)")
+    p.add_argument("--layer", type=int, default=None, help="steered layer (default: the demo's)")
+    p.add_argument("--corpus", default=None,
+                   help="rank by positive- vs negative-tone answers of this sentiment corpus")
+    p.add_argument("--corpus-texts", type=int, default=256, help="answers per side")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     task = load_demo_task()
     model, tok = load_hf(task.model_path)
-    sae = load_sae(task.sae_path)
-    layer = task.layer
+    sae = load_sae(args.sae or task.sae_path)
+    layer = task.layer if args.layer is None else args.layer
     t0 = time.perf_counter()
     if not args.features:
-        pos, neg = lexicon_words(args.words)
-        # the last 6 real tokens: the word and what follows it
-        acts = {name: research.mean_feature_activations(
-            model, tok, sae, layer, [f"It was a {w} day, and everyone felt it." for w in words],
-            slice(-6, None)) for name, words in (("pos", pos), ("neg", neg))}
+        if args.corpus:
+            sides = dict(zip(("pos", "neg"), corpus_texts(args.corpus, args.corpus_texts)))
+            window = slice(4, None)  # every answer token past the first few
+        else:
+            words = lexicon_words(args.words)
+            # the last 6 real tokens: the word and what follows it
+            sides = {name: [f"It was a {w} day, and everyone felt it." for w in ws]
+                     for name, ws in zip(("pos", "neg"), words)}
+            window = slice(-6, None)
+        acts = {name: _mean_acts(model, tok, sae, layer, texts, window)
+                for name, texts in sides.items()}
         diff = acts["pos"] - acts["neg"]
         order = torch.argsort(diff.abs(), descending=True)[:args.top].tolist()
         print("candidates (mean act on positive - negative):")

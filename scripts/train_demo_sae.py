@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop early (cleanly, weights folded and saved) after this much training "
                         "time; the tokens actually seen are recorded")
+    p.add_argument("--corpus-note", default="docstrings of installed Python packages + dist-info "
+                   "METADATA (scripts/build_demo_corpus.py)",
+                   help="what the corpus is, recorded in train_info.json")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (2 spinning threads on a shared 2-core machine are far slower)")
     args = p.parse_args(argv)
@@ -138,8 +141,7 @@ def main(argv=None) -> int:
             "train_batch_size_tokens": args.batch_tokens, "lr": args.lr, "seed": args.seed,
             "d_sae": args.d_sae, "k": args.k, "dead_feature_window": args.dead_window,
             "train_seconds": round(train_s, 1),
-            "corpus": "docstrings of installed Python packages + dist-info METADATA "
-                      "(scripts/build_demo_corpus.py)",
+            "corpus": args.corpus_note,
             "torch_threads": torch.get_num_threads()}
     (out / "train_info.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(work, ignore_errors=True)
