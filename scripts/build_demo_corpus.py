@@ -49,6 +49,37 @@ def iter_texts(roots: list[Path], max_file_bytes: int = 400_000):
                     yield str(py), doc
 
 
+class WindowPacker:
+    """Texts -> windows of ``context_size`` token ids, each starting with BOS, documents
+    joined by EOS and split across windows (the tail that fills no window is dropped)."""
+
+    def __init__(self, tok, context_size: int):
+        self.tok, self.body = tok, context_size - 1
+        self.bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.windows: list[list[int]] = []
+        self._buf: list[int] = []
+
+    def add(self, texts: list[str]) -> None:
+        for ids in self.tok(list(texts), add_special_tokens=False)["input_ids"]:
+            self._buf.extend(ids + [self.tok.eos_token_id])
+        while len(self._buf) >= self.body:
+            self.windows.append([self.bos] + self._buf[:self.body])
+            self._buf = self._buf[self.body:]
+
+
+def save_windows(windows: list[list[int]], out: Path, heldout_frac: float, seed: int) -> int:
+    """Shuffle ``windows`` (seeded) and save them as ``out/train`` and ``out/heldout`` (the
+    format ``train_demo_sae.py`` and ``sae_card.py`` read); returns the held-out count."""
+    import datasets
+
+    random.Random(seed).shuffle(windows)
+    n_held = max(1, int(len(windows) * heldout_frac))
+    out.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"input_ids": windows[n_held:]}).save_to_disk(str(out / "train"))
+    datasets.Dataset.from_dict({"input_ids": windows[:n_held]}).save_to_disk(str(out / "heldout"))
+    return n_held
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -60,7 +91,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    import datasets
     from transformers import AutoTokenizer
 
     from sae_fast.models import smollm2
@@ -69,37 +99,19 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model or str(smollm2()))
     roots = [Path(p) for p in site.getsitepackages()] + [Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"]
     roots = [r for r in dict.fromkeys(roots) if r.is_dir()]
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    sep = tok.eos_token_id
-    body = args.context_size - 1
-    windows, buf, n_docs = [], [], 0
-    batch: list[str] = []
-
-    def flush():
-        nonlocal buf
-        for ids in tok(batch, add_special_tokens=False)["input_ids"]:
-            buf.extend(ids + [sep])
-        while len(buf) >= body:
-            windows.append([bos] + buf[:body])
-            buf = buf[body:]
-        batch.clear()
-
+    packer = WindowPacker(tok, args.context_size)
+    windows, batch, n_docs = packer.windows, [], 0
     for _, text in iter_texts(roots):
         batch.append(text)
         n_docs += 1
         if len(batch) >= 512:
-            flush()
+            packer.add(batch)
+            batch.clear()
             if len(windows) * args.context_size >= args.max_tokens:
                 break
     if batch:
-        flush()
-    rng = random.Random(args.seed)
-    rng.shuffle(windows)
-    n_held = max(1, int(len(windows) * args.heldout_frac))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict({"input_ids": windows[n_held:]}).save_to_disk(str(out / "train"))
-    datasets.Dataset.from_dict({"input_ids": windows[:n_held]}).save_to_disk(str(out / "heldout"))
+        packer.add(batch)
+    n_held = save_windows(windows, Path(args.out), args.heldout_frac, args.seed)
     log.info("%d docs -> %d windows of %d tokens (%d held out), %.1fM tokens, %.0f s",
              n_docs, len(windows), args.context_size, n_held,
              len(windows) * args.context_size / 1e6, time.time() - t0)

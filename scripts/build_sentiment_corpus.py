@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_demo_corpus import WindowPacker, save_windows  # noqa: E402
+
 TONES = ["cheerful", "joyful", "grateful", "hopeful", "excited", "loving", "proud", "peaceful",
          "neutral", "matter-of-fact", "factual",
          "sad", "gloomy", "bitter", "angry", "anxious", "lonely", "hopeless", "disgusted",
@@ -88,7 +91,6 @@ def prompts(seed: int) -> list[str]:
 
 
 def task_topics() -> set[str]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import make_sentiment_task
 
     return {t for tier in make_sentiment_task.TOPICS.values() for t in tier}
@@ -116,7 +118,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-    import datasets
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -139,21 +140,11 @@ def main(argv=None) -> int:
     n_gen = sum(len(o.outputs[0].token_ids) for o in outs)
     logging.info("generated %d answers, %d tokens in %.0f s (%.0f tok/s)", len(outs), n_gen,
                  gen_s, n_gen / gen_s)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    sep = tok.eos_token_id
-    body = args.context_size - 1
-    windows, buf = [], []
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        buf.extend(ids + [sep])
-        while len(buf) >= body:
-            windows.append([bos] + buf[:body])
-            buf = buf[body:]
-    random.Random(args.seed).shuffle(windows)
-    n_held = max(1, int(len(windows) * args.heldout_frac))
+    packer = WindowPacker(tok, args.context_size)
+    packer.add(texts)
+    windows = packer.windows
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict({"input_ids": windows[n_held:]}).save_to_disk(str(out / "train"))
-    datasets.Dataset.from_dict({"input_ids": windows[:n_held]}).save_to_disk(str(out / "heldout"))
+    n_held = save_windows(windows, out, args.heldout_frac, args.seed)
     with open(out / "texts.jsonl", "w") as f:
         for r, t in zip(reqs, texts):
             f.write(json.dumps({"prompt": r, "text": t}) + "\n")

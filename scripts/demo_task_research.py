@@ -122,24 +122,31 @@ def residual_scale(acts: torch.Tensor) -> float:
 
 
 def mean_feature_activations(model: nn.Module, tok: Any, sae: Any, layer: int,
-                             texts: Sequence[str], window: slice) -> torch.Tensor:
+                             texts: Sequence[str], window: slice,
+                             batch: int = 32) -> torch.Tensor:
     """Mean SAE feature activations [d_sae] at decoder layer ``layer`` over the
-    ``window`` of each text's real (unpadded) token positions."""
+    ``window`` of each text's real (unpadded) token positions (every such token weighs
+    the same), ``batch`` texts per forward pass."""
     from sae_fast.backends.common import decoder_layers
 
-    grabbed: list[torch.Tensor] = []
-    h = decoder_layers(model)[layer].register_forward_hook(
-        lambda _m, _a, o: grabbed.append((o[0] if isinstance(o, tuple) else o).detach()))
-    try:
-        enc = tok(list(texts), return_tensors="pt", padding=True)
-        with torch.no_grad():
-            model(**enc)
-    finally:
-        h.remove()
-    hid = grabbed[0].float()  # [B, S, d]
-    mask = enc["attention_mask"].bool()
-    rows = [hid[b][mask[b]][window] for b in range(hid.shape[0])]
-    return sae.encode(torch.cat(rows).to(sae.dtype)).float().mean(0)
+    total, count = None, 0
+    for i in range(0, len(texts), batch):
+        grabbed: list[torch.Tensor] = []
+        h = decoder_layers(model)[layer].register_forward_hook(
+            lambda _m, _a, o: grabbed.append((o[0] if isinstance(o, tuple) else o).detach()))
+        try:
+            enc = tok(list(texts[i:i + batch]), return_tensors="pt", padding=True)
+            with torch.no_grad():
+                model(**enc)
+        finally:
+            h.remove()
+        hid = grabbed[0].float()  # [B, S, d]
+        mask = enc["attention_mask"].bool()
+        rows = torch.cat([hid[b][mask[b]][window] for b in range(hid.shape[0])])
+        acts = sae.encode(rows.to(sae.dtype)).float().sum(0)
+        total = acts if total is None else total + acts
+        count += rows.shape[0]
+    return total / count
 
 
 def sweep_feature(model: nn.Module, tok: Any, sae: Any, layer: int, feature: int,

@@ -61,12 +61,6 @@ def corpus_texts(corpus: str, n: int) -> tuple[list[str], list[str]]:
     return pos, neg
 
 
-def _mean_acts(model, tok, sae, layer, texts, window, chunk=32):
-    parts = [research.mean_feature_activations(model, tok, sae, layer, texts[i:i + chunk], window)
-             * len(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
-    return sum(parts) / len(texts)
-
-
 def main(argv=None) -> int:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -103,7 +97,8 @@ def main(argv=None) -> int:
             sides = {name: [f"It was a {w} day, and everyone felt it." for w in ws]
                      for name, ws in zip(("pos", "neg"), words)}
             window = slice(-6, None)
-        acts = {name: _mean_acts(model, tok, sae, layer, texts, window)
+        acts = {name: research.mean_feature_activations(model, tok, sae, layer, texts,
+                                                        window)
                 for name, texts in sides.items()}
         diff = acts["pos"] - acts["neg"]
         order = torch.argsort(diff.abs(), descending=True)[:args.top].tolist()
