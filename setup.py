@@ -78,8 +78,10 @@ from setuptools import find_packages  # noqa: E402
 # The demo's shipped files (the SmolLM2 SAE, its card, the task and its questions),
 # read at run time through importlib.resources (sae_fast.train.demo_task.asset_path):
 # data-only folders, listed as packages so setuptools ships them as package data.
-DATA_PACKAGES = ["sae_fast.assets", "sae_fast.assets.smollm2_sae", "sae_fast.assets.demo_data"]
+DATA_PACKAGES = ["sae_fast.assets", "sae_fast.assets.smollm2_sae", "sae_fast.assets.smollm2_sentiment_sae",
+                 "sae_fast.assets.demo_data"]
 PACKAGE_DATA = {"sae_fast.assets.smollm2_sae": ["*.json", "*.md", "*.safetensors"],
+                "sae_fast.assets.smollm2_sentiment_sae": ["*.json", "*.md", "*.safetensors"],
                 "sae_fast.assets.demo_data": ["*.jsonl"]}
 PACKAGES = find_packages(include=["sae_fast*"]) + DATA_PACKAGES + ["sae_fast_verl"]
 setup(ext_modules=[CMakeExtension("sae_fast._C")], cmdclass={"build_ext": CMakeBuild},

@@ -25,8 +25,8 @@ def _read(name):
 def test_config_validates_and_points_at_the_shipped_files(monkeypatch):
     monkeypatch.chdir(ROOT)  # the config's data paths are relative to the checkout
     cfg = load_config(TASK / "config.yaml")
-    assert cfg.model.path == "builtin:smollm2" and cfg.sae.model_path == "builtin:smollm2_sae"
-    assert cfg.sae.features == [2392] and cfg.reward.name == "vader"
+    assert cfg.model.path == "builtin:smollm2" and cfg.sae.model_path == "builtin:smollm2_sentiment_sae"
+    assert cfg.sae.features == [384] and cfg.reward.name == "vader"
     assert cfg.reward.fluency_weight > 0 and cfg.reward.repetition_weight > 0
     for f in cfg.data.train_files + cfg.data.val_files:
         assert Path(f).is_file(), f

@@ -135,7 +135,13 @@ def _demo_sae() -> Path:
     return demo_sae_dir()
 
 
-BUILTINS = {"smollm2": smollm2, "smollm2_sae": _demo_sae}
+def _sentiment_sae() -> Path:
+    from sae_fast.train.demo_task import asset_path
+
+    return asset_path("smollm2_sentiment_sae")
+
+
+BUILTINS = {"smollm2": smollm2, "smollm2_sae": _demo_sae, "smollm2_sentiment_sae": _sentiment_sae}
 
 
 def resolve_builtin(path: Optional[str]) -> Optional[str]:
