@@ -67,3 +67,24 @@ def test_cli_rescores_with_vader(tmp_path, capsys):
     # upbeat: -10 (the happy text) is best for both types, so oracle = best constant, gap 0
     line = [ln for ln in out.splitlines() if ln.startswith("x ")][0]
     assert "s=-10" in line and "x_a:-10 x_b:-10" in line and "+0.000 +-0.000" in line
+
+
+def test_policy_sim_reward_interpolates_the_sweep_by_hand():
+    """scripts/policy_sim.py's reward lookup: linear between the grid strengths around s,
+    the nearest one with lookup='nearest', clamped to the grid's ends."""
+    sim = load_script("scripts/policy_sim.py")
+    d = _dump()
+    for s in d:
+        d[s]["prompts"] = ["q0", "q1", "q2", "q3"]
+    r = sim.SweepReward(d, fluency_weight=1.0, repetition_weight=0.0)
+    # q0's rewards: -10 -> 0.5, 0 -> 0.2, +10 -> -1.1
+    assert r("q0", -10) == pytest.approx(0.5) and r("q0", 10) == pytest.approx(-1.1)
+    assert r("q0", -5) == pytest.approx(0.35) and r("q0", 2.5) == pytest.approx(0.2 - 0.25 * 1.3)
+    assert r("q0", -99) == pytest.approx(0.5) and r("q0", 99) == pytest.approx(-1.1)
+    near = sim.SweepReward(d, fluency_weight=1.0, repetition_weight=0.0, lookup="nearest")
+    assert near("q0", -6) == pytest.approx(0.5) and near("q0", -4) == pytest.approx(0.2)
+    assert r.groups == {"q0": "x_a", "q1": "x_a", "q2": "x_b", "q3": "x_b"}
+    # the best grid constant over all four questions is 0 (means -0.325, 0.2, -0.2)
+    assert r.best_constant(["q0", "q1", "q2", "q3"]) == (0.0, pytest.approx(0.2))
+    with pytest.raises(ValueError, match="lookup 'cubic'"):
+        sim.SweepReward(d, 1.0, 0.0, lookup="cubic")
