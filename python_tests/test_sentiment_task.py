@@ -44,4 +44,4 @@ def test_questions_are_what_the_builder_writes_with_disjoint_topics():
     topics = lambda rows: {t for r in rows for tier in mod.TOPICS.values() for t in tier  # noqa: E731
                            if t in r["prompt"]}
     assert topics(train) and topics(val) and not topics(train) & topics(val)
-    assert len(train) == 288 and len(val) == 192
+    assert len(train) == 288 and len(val) == 384
